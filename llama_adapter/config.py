@@ -1,0 +1,119 @@
+"""Model and adapter hyper-parameters, read from Meta ``params.json`` or HF ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+GateActivation = Literal["tanh", "identity"]
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a LLaMA base model (Meta naming)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    # Explicit FFN width (HF ``intermediate_size``); overrides the Meta rounding rule.
+    hidden_dim: int | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_params_json(cls, path: str | Path, **overrides: Any) -> ModelArgs:
+        """Meta ``params.json``; a ``vocab_size`` of -1 means "take it from the tokenizer"."""
+        params = json.loads(Path(path).read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(params) - known
+        # Keys Meta released that change nothing for inference here.
+        unknown -= {"use_scaled_rope", "max_batch_size"}
+        if unknown:
+            raise ValueError(f"{path}: unsupported params {sorted(unknown)}")
+        params.update(overrides)
+        if params.get("vocab_size", 0) <= 0:
+            raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')}; pass vocab_size from the tokenizer")
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelArgs:
+        cfg = json.loads(Path(path).read_text())
+        model_type = cfg.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{path}: model_type {model_type!r} is not a Llama model")
+        if cfg.get("rope_scaling"):
+            raise ValueError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
+        n_heads = cfg["num_attention_heads"]
+        args: dict[str, Any] = dict(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+        if cfg.get("head_dim", args["dim"] // n_heads) != args["dim"] // n_heads:
+            raise ValueError(f"{path}: head_dim other than hidden_size / num_attention_heads is not supported")
+        args.update(overrides)
+        return cls(**args)
+
+    def summary(self) -> dict[str, int]:
+        """The dims an adapter depends on (stored in adapter metadata and checked on load)."""
+        return {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.kv_heads}
+
+
+@dataclass
+class AdapterConfig:
+    """Adaption prompts of ``adapter_len`` tokens in each of the top ``adapter_layer`` layers."""
+
+    adapter_len: int = 10
+    adapter_layer: int = 30
+    # tanh for adapters we train and the official V2 ones; identity for the official V1 release.
+    gate_activation: GateActivation = "tanh"
+    prompt_template: str = "alpaca"
+
+    def __post_init__(self) -> None:
+        if self.gate_activation not in ("tanh", "identity"):
+            raise ValueError(f"gate_activation must be 'tanh' or 'identity', not {self.gate_activation!r}")
+        if self.adapter_len < 1 or self.adapter_layer < 1:
+            raise ValueError(f"adapter_len and adapter_layer must be >= 1, got {self.adapter_len}, {self.adapter_layer}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,367 @@
+"""Sampling, the KV-cache decode loop, and the streaming iterator that every caller uses."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import AdapterKV, CacheStep, KVCache, Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+class PromptTruncatedWarning(UserWarning):
+    """The prompt did not fit in the context and lost tokens from its start."""
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+        probs[probs.cumsum(dim=-1) - probs > top_p] = 0.0
+        choice = torch.multinomial(probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = k
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def finish(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Request:
+    """One prompt, already tokenised and fitted to the context."""
+
+    ids: list[int]
+    truncated: int  # tokens dropped from the prompt's start
+
+
+def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: int) -> Request:
+    """Left-truncate a prompt (keeping BOS) so that a reply of some length still fits.
+
+    The reply keeps room for ``min(max_new_tokens, max_seq_len // 4)`` tokens; generation
+    then ends at the context limit if it runs longer.
+    """
+    budget = max_seq_len - min(max_new_tokens, max_seq_len // 4)
+    if len(ids) <= budget:
+        return Request(ids, 0)
+    keep_bos = bool(ids) and ids[0] == bos_id
+    head = [bos_id] if keep_bos else []
+    tail = ids[len(ids) - (budget - len(head)) :]
+    return Request(head + tail, len(ids) - len(head) - len(tail))
+
+
+class Decoder:
+    """Runs the model over a batch of prompts with a KV cache and yields sampled tokens per step."""
+
+    def __init__(self, model: Transformer, pad_id: int) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self._cache: KVCache | None = None
+        self._cache_busy = False
+
+    def _take_cache(self, batch: int, length: int) -> KVCache:
+        p = next(self.model.parameters())
+        max_len = self.model.args.max_seq_len
+        if self._cache is not None and not self._cache_busy and self._cache.fits(batch, length, p.dtype, p.device):
+            self._cache_busy = True
+            return self._cache
+        cache = KVCache(self.model.args, batch, max_len, p.dtype, p.device)
+        if not self._cache_busy:  # keep the larger cache for later requests
+            self._cache, self._cache_busy = cache, True
+        return cache
+
+    def _give_back(self, cache: KVCache) -> None:
+        if cache is self._cache:
+            self._cache_busy = False
+
+    @torch.inference_mode()
+    def steps(
+        self,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+        visual_prompt: Tensor | None = None,
+    ) -> Iterator[list[int]]:
+        """Yields the next token of every row, up to ``max_new_tokens`` times or the context limit.
+
+        Prompts are left-padded: each row keeps its true RoPE positions and masks its pad keys.
+        Closing the iterator stops the work.
+        """
+        model = self.model
+        device = model.rope_cos.device
+        lengths = [len(p) for p in prompts]
+        width, batch = max(lengths), len(prompts)
+        n_new = min(max_new_tokens, model.args.max_seq_len - width)
+        if n_new < 1:
+            raise ValueError(f"prompt of {width} tokens leaves no room in the {model.args.max_seq_len}-token context")
+        pads = torch.tensor([width - n for n in lengths], device=device)
+        tokens = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+        adapter: list[AdapterKV | None] = model.adapter_kv(visual_prompt)
+        cache = self._take_cache(batch, width + n_new - 1)
+        try:
+            positions = (torch.arange(width, device=device)[None] - pads[:, None]).clamp(min=0)
+            key_ok = torch.arange(cache.max_len, device=device)[None] >= pads[:, None]  # [B, S]
+            padded = bool(pads.any())
+            mask = None
+            if padded:
+                causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+                # Pad queries attend to themselves only, so no softmax row is empty.
+                mask = (causal & key_ok[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
+                mask = mask[:, None]
+            step = CacheStep(cache, 0, mask)
+            for cur in range(width, width + n_new):
+                logits = model.forward_cached(tokens, positions, step, adapter)
+                next_tokens = sample(logits, temperature, top_p, generator)
+                yield next_tokens.tolist()
+                tokens = next_tokens[:, None]
+                positions = (cur - pads)[:, None]
+                step = CacheStep(cache, cur, key_ok[:, None, None, : cur + 1] if padded else None)
+        finally:
+            self._give_back(cache)
+
+
+class RowText:
+    """One row's sampled tokens turned into text: EOS, stop strings, streaming-safe decoding."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.eos_id = tokenizer.eos_id
+        self.decoder = StreamDecoder(tokenizer)
+        self.stopper = StopMatcher(stop)
+        self.generated_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> str:
+        if token == self.eos_id:
+            return self.finish("eos")
+        self.generated_ids.append(token)
+        out, hit = self.stopper.feed(self.decoder.push(token))
+        if hit:
+            self.finish_reason = "stop"
+        self.text += out
+        return out
+
+    def finish(self, reason: str) -> str:
+        """End the row: emit held-back text unless it completes a stop string."""
+        out, hit = self.stopper.feed(self.decoder.flush())
+        out += "" if hit else self.stopper.finish()
+        self.finish_reason = "stop" if hit else reason
+        self.text += out
+        return out
+
+
+def run_out_reason(row: RowText, max_new_tokens: int) -> str:
+    """Why the decode loop ended for a row that saw no EOS or stop string."""
+    return "length" if len(row.generated_ids) >= max_new_tokens else "context"
+
+
+class TextStream(Iterator[str]):
+    """Text deltas of one generation; ``"".join(stream)`` equals ``tokenizer.decode(stream.generated_ids)``
+    (cut before the first stop string).
+
+    ``truncated_tokens`` says how many prompt tokens were dropped to fit the context.  After
+    iteration, ``finish_reason`` is ``eos``, ``stop``, ``length`` (max_new_tokens) or ``context``
+    (the context window is full).  ``close()`` stops the computation.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, request: Request, steps: Iterator[list[int]], max_new_tokens: int, stop: Sequence[str]
+    ) -> None:
+        self.prompt_ids = request.ids
+        self.truncated_tokens = request.truncated
+        self._row = RowText(tokenizer, stop)
+        self._it = self._run(steps, max_new_tokens)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self._row.generated_ids
+
+    @property
+    def text(self) -> str:
+        """Everything yielded so far."""
+        return self._row.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._row.finish_reason
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    def _run(self, steps: Iterator[list[int]], max_new_tokens: int) -> Iterator[str]:
+        row = self._row
+        try:
+            for (token,) in steps:
+                if out := row.push(token):
+                    yield out
+                if row.done:
+                    return
+            if out := row.finish(run_out_reason(row, max_new_tokens)):
+                yield out
+        finally:
+            steps.close()
+
+
+def warn_truncated(request: Request) -> None:
+    if request.truncated:
+        warnings.warn(
+            f"prompt too long for the context: dropped its first {request.truncated} tokens",
+            PromptTruncatedWarning,
+            stacklevel=3,
+        )
+
+
+class Pipeline:
+    """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for a batch."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, base: str = "", adapter: str | None = None) -> None:
+        if tokenizer.n_words > model.args.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model only {model.args.vocab_size} embeddings")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base = base
+        self.adapter = adapter
+        self._decoder = Decoder(model, tokenizer.pad_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.rope_cos.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.args.max_seq_len
+
+    def adapter_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.adapter_parameters().values())
+
+    def _start(
+        self, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float, seed: int | None, image: object
+    ) -> tuple[list[Request], Iterator[list[int]]]:
+        check_sampling(max_new_tokens, temperature, top_p)
+        if image is not None:
+            raise ValueError("this model takes no images: load it with a multimodal adapter to pass image=")
+        requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
+        for r in requests:
+            warn_truncated(r)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator)
+        return requests, steps
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.1,
+        top_p: float = 0.75,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        image: object = None,
+    ) -> TextStream:
+        """Stream the continuation of the raw ``prompt`` (no template applied) as text deltas.
+
+        A prompt too long for the context is truncated from the left (BOS kept) with a
+        ``PromptTruncatedWarning``; ``stream.truncated_tokens`` tells how many tokens went.
+        """
+        (request,), steps = self._start([prompt], max_new_tokens, temperature, top_p, seed, image)
+        return TextStream(self.tokenizer, request, steps, max_new_tokens, _stops(stop))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.1,
+        top_p: float = 0.75,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        image: object = None,
+    ) -> list[str]:
+        """Complete several prompts in one batch; greedy results equal ``stream`` one by one."""
+        if not prompts:
+            return []
+        _, steps = self._start(prompts, max_new_tokens, temperature, top_p, seed, image)
+        rows = [RowText(self.tokenizer, _stops(stop)) for _ in prompts]
+        try:
+            for tokens in steps:
+                for row, token in zip(rows, tokens, strict=True):
+                    if not row.done:
+                        row.push(token)
+                if all(row.done for row in rows):
+                    break
+        finally:
+            steps.close()
+        for row in rows:
+            if not row.done:
+                row.finish(run_out_reason(row, max_new_tokens))
+        return [row.text for row in rows]
+
+
+def _stops(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)

@@ -1,0 +1,212 @@
+"""Resolve what a user types (a local path, a Hugging Face repo id, an official release name) to local files.
+
+Hugging Face repos go through ``huggingface_hub`` (its cache, its progress bars, its offline
+mode).  Official releases hosted elsewhere are downloaded once into our cache directory,
+with a progress bar, and checked against their known sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from tqdm.auto import tqdm
+
+
+class ResolveError(RuntimeError):
+    """A name could not be turned into local files; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Release:
+    url: str
+    sha256: str | None  # None only where no checksum was ever published
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+# Official adapter releases by name.  The V2 file names start with their sha256.
+OFFICIAL_ADAPTERS: dict[str, Release] = {
+    # No checksum was ever published for the V1 file.
+    "LLaMA-Adapter-V1": Release(
+        "https://github.com/OpenGVLab/LLaMA-Adapter/releases/download/v.1.0.0/llama_adapter_len10_layer30_release.pth",
+        None,
+    ),
+}
+
+ADAPTER_FILENAME = "adapter.safetensors"  # what our training writes; the file looked for in an adapter repo
+_BASE_PATTERNS = {
+    "hf": ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "generation_config.json"],
+    "meta": ["params.json", "consolidated.*.pth", "tokenizer.model"],
+}
+_REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>.+))?$")
+
+
+def cache_dir() -> Path:
+    """Where non-Hub downloads live: $LLAMA_ADAPTER_CACHE, else next to the Hugging Face cache."""
+    env = os.environ.get("LLAMA_ADAPTER_CACHE")
+    return Path(env) if env else Path(hf_constants.HF_HOME) / "llama_adapter"
+
+
+def is_offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE only once, at import.
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.upper() in {"1", "ON", "YES", "TRUE"} or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    repo_id: str
+    revision: str | None
+    filename: str | None
+
+
+def parse_repo_spec(name: str) -> RepoSpec | None:
+    """``owner/name``, ``owner/name@revision``, ``owner/name/path/in/repo`` or ``owner/name@rev/path``."""
+    m = _REPO_RE.match(name)
+    if not m:
+        return None
+    return RepoSpec(m.group("repo"), m.group("rev"), m.group("file"))
+
+
+def resolve_base(name: str | Path) -> Path:
+    """A directory holding a Meta or HF Llama checkpoint and its tokenizer.model."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ResolveError(f"base model {path} is a file; pass the directory that holds it")
+        return path
+    spec = parse_repo_spec(str(name))
+    if spec is None or spec.filename is not None:
+        raise ResolveError(f"base model {name!r} is neither an existing directory nor a Hugging Face repo id (owner/name[@revision])")
+    return _snapshot(spec)
+
+
+def resolve_adapter(name: str | Path) -> Path:
+    """A single adapter file: local path, official release name, or Hub repo id / file in a repo."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir():
+            candidate = path / ADAPTER_FILENAME
+            if not candidate.is_file():
+                raise ResolveError(f"adapter directory {path} has no {ADAPTER_FILENAME}")
+            return candidate
+        return path
+    if str(name) in OFFICIAL_ADAPTERS:
+        return download(OFFICIAL_ADAPTERS[str(name)])
+    spec = parse_repo_spec(str(name))
+    if spec is None:
+        known = ", ".join(OFFICIAL_ADAPTERS)
+        raise ResolveError(f"adapter {name!r} is not a file, an official name ({known}), or a Hugging Face repo id")
+    return _hub_file(spec.repo_id, spec.filename or ADAPTER_FILENAME, spec.revision)
+
+
+def _not_cached_message(what: str, source: str, offline: bool) -> str:
+    why = "HF_HUB_OFFLINE is set, so it cannot be downloaded" if offline else "the Hugging Face Hub cannot be reached"
+    fix = "or unset HF_HUB_OFFLINE." if offline else "or check the network connection."
+    return (
+        f"{what} is not in the local cache and {why}. "
+        f"Download it on a connected machine ({source}), copy it here and pass its local path, {fix}"
+    )
+
+
+def _network_message(what: str, err: Exception) -> str:
+    return (
+        f"could not download {what}: {err}. Check the network connection, or pass a local path instead, "
+        "or set HF_HUB_OFFLINE=1 to use only what is cached."
+    )
+
+
+def _list_repo_files(spec: RepoSpec) -> list[str] | None:
+    """The repo's files, or None when the Hub cannot be reached (then only the cache is used)."""
+    try:
+        return HfApi().list_repo_files(spec.repo_id, revision=spec.revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception:  # connection errors come from the HTTP client, whichever it is
+        return None
+
+
+def _snapshot(spec: RepoSpec) -> Path:
+    what = f"Hugging Face repo {spec.repo_id}" + (f"@{spec.revision}" if spec.revision else "")
+    offline = is_offline()
+    try:
+        files = None if offline else _list_repo_files(spec)
+        if files is None:
+            patterns = _BASE_PATTERNS["hf"] + _BASE_PATTERNS["meta"]
+        else:
+            patterns = _BASE_PATTERNS["hf" if any(f.endswith(".safetensors") for f in files) else "meta"]
+        cached_only = files is None
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=patterns, local_files_only=cached_only))
+    except LocalEntryNotFoundError:
+        raise ResolveError(_not_cached_message(what, f"`hf download {spec.repo_id}`", offline)) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ResolveError(
+            f"{what} does not exist or is private ({type(e).__name__}); check the name, or log in with `hf auth login`"
+        ) from None
+    except OSError as e:
+        raise ResolveError(_network_message(what, e)) from None
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
+    what = f"{filename} from Hugging Face repo {repo_id}" + (f"@{revision}" if revision else "")
+    offline = is_offline()
+    try:
+        # Online, huggingface_hub itself falls back to the cache when the Hub is unreachable.
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        raise ResolveError(_not_cached_message(what, f"`hf download {repo_id} {filename}`", offline)) from None
+    except EntryNotFoundError:
+        raise ResolveError(f"{what}: no such file in the repo") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ResolveError(f"{what}: the repo or revision does not exist or is private ({type(e).__name__})") from None
+    except OSError as e:
+        raise ResolveError(_network_message(what, e)) from None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(release: Release) -> Path:
+    """Fetch a release file into the cache once (atomic rename after the checksum passes)."""
+    target = cache_dir() / release.filename
+    if target.is_file():
+        return target
+    if is_offline():
+        raise ResolveError(_not_cached_message(release.filename, f"from {release.url}", offline=True))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(release.url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=release.filename) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise ResolveError(_network_message(release.url, e)) from None
+    if release.sha256 is not None:
+        digest = sha256_of(partial)
+        if digest != release.sha256:
+            partial.unlink()
+            raise ResolveError(
+                f"{release.url}: sha256 {digest} does not match the published {release.sha256}; the download is corrupt, try again"
+            )
+    shutil.move(str(partial), target)
+    return target

@@ -1,0 +1,226 @@
+"""LLaMA with zero-init attention adapters (Meta parameter names).
+
+In each of the top ``adapter_layer`` layers the attention output is
+
+    softmax(q K^T / sqrt(d) + mask) V  +  g(gate) * softmax(q Kp^T / sqrt(d)) Vp
+
+where ``Kp, Vp = P Wk, P Wv`` come from that layer's adaption prompt ``P`` (no RoPE, no
+mask) and ``gate`` is a per-head parameter initialised to zero.  ``g`` is tanh or identity.
+The gate is folded into ``Vp`` once per request (``Transformer.adapter_kv``), so a decode
+step costs one extra small SDPA call per adapted layer and no matmul over the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig, ModelArgs
+
+AdapterKV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 as the reference implementations do, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_seq_len, head_dim/2] for Meta's interleaved (complex pair) RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, H, hd] by cos/sin [B|1, T, hd/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache:
+    """A preallocated cache for every layer: k, v of shape [n_layers, batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (args.n_layers, batch, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return batch <= self.batch and length <= self.max_len and self.k.dtype == dtype and self.k.device == device
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, kv_heads, T, hd] at positions start..start+T; return all keys/values so far."""
+        b, end = k.shape[0], start + k.shape[2]
+        self.k[layer, :b, :, start:end] = k
+        self.v[layer, :b, :, start:end] = v
+        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
+
+
+@dataclass
+class CacheStep:
+    """Where a cached forward writes and how it masks (built by the caller once per step)."""
+
+    cache: KVCache
+    start: int
+    # Boolean [B, 1, T, S] (True = attend); None means plain causal from position 0 (or T == 1).
+    mask: Tensor | None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.gate: nn.Parameter | None = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if adapted else None
+
+    def adapter_kv(self, prompt: Tensor, activation: str) -> AdapterKV:
+        """Kp and g(gate)*Vp, each [B|1, n_heads, L, hd], from the adaption prompt [B|1, L, D]."""
+        assert self.gate is not None
+        b, length, _ = prompt.shape
+        k = self.wk(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gate = self.gate.tanh() if activation == "tanh" else self.gate
+        return k, v * gate.to(v.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        adapter: AdapterKV | None = None,
+        step: CacheStep | None = None,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        mask = None
+        if step is None:
+            is_causal = True
+        else:
+            k, v = step.cache.update(self.layer_id, step.start, k, v)
+            mask = step.mask
+            is_causal = mask is None and t > 1
+        gqa = self.n_kv_heads != self.n_heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        if adapter is not None:
+            kp, vp = adapter
+            kp, vp = kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1)
+            out = out + F.scaled_dot_product_attention(q, kp, vp)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+        super().__init__()
+        self.attention = Attention(args, layer_id, adapted)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, adapter: AdapterKV | None, step: CacheStep | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, adapter, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, adapter: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.args, self.adapter = args, adapter
+        first = args.n_layers - (adapter.adapter_layer if adapter else 0)
+        if first < 0:
+            raise ValueError(f"adapter_layer {adapter.adapter_layer if adapter else 0} exceeds the model's {args.n_layers} layers")
+        self.first_adapted_layer = first
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i, adapted=adapter is not None and i >= first) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if adapter is not None:
+            self.adapter_query = nn.Embedding(adapter.adapter_layer * adapter.adapter_len, args.dim)
+        device = self.tok_embeddings.weight.device
+        self.init_rope(None if device.type == "meta" else device)
+
+    def init_rope(self, device: torch.device | str | None) -> None:
+        """(Re)build the RoPE tables on ``device``; called again after meta-device loading."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters by state-dict name (prompts and gates)."""
+        return {n: p for n, p in self.named_parameters() if n == "adapter_query.weight" or n.endswith(".attention.gate")}
+
+    def adapter_kv(self, visual_prompt: Tensor | None = None) -> list[AdapterKV | None]:
+        """Per layer (None below the adapted layers): Kp and gated Vp for the whole request.
+
+        ``visual_prompt`` [B, adapter_len, D] is added to every layer's adaption prompt.
+        """
+        if self.adapter is None:
+            return [None] * self.args.n_layers
+        dtype = self.tok_embeddings.weight.dtype
+        prompts = self.adapter_query.weight.view(self.adapter.adapter_layer, 1, self.adapter.adapter_len, -1)
+        out: list[AdapterKV | None] = [None] * self.first_adapted_layer
+        for j, layer in enumerate(self.layers[self.first_adapted_layer :]):
+            prompt = prompts[j] if visual_prompt is None else prompts[j] + visual_prompt
+            out.append(layer.attention.adapter_kv(prompt.to(dtype), self.adapter.gate_activation))
+        return out
+
+    def forward(self, tokens: Tensor, visual_prompt: Tensor | None = None) -> Tensor:
+        """Full causal forward with no cache: float32 logits [B, T, V]."""
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
+        h = self.tok_embeddings(tokens)
+        for layer, adapter in zip(self.layers, self.adapter_kv(visual_prompt), strict=True):
+            h = layer(h, cos, sin, adapter, None)
+        return self.output(self.norm(h)).float()
+
+    def forward_cached(self, tokens: Tensor, positions: Tensor, step: CacheStep, adapter: Sequence[AdapterKV | None]) -> Tensor:
+        """Forward ``tokens`` [B, T] at ``positions`` [B, T] through the cache; float32 logits of the last position [B, V]."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.tok_embeddings(tokens)
+        for layer, layer_adapter in zip(self.layers, adapter, strict=True):
+            h = layer(h, cos, sin, layer_adapter, step)
+        return self.output(self.norm(h[:, -1])).float()

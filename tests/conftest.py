@@ -1,0 +1,143 @@
+"""Session fixtures: a sentencepiece tokenizer with LLaMA's ids, tiny HF and Meta checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+VOCAB = 384
+WORDS = (
+    "the a an of to in is it that was for on are as with his they at be this from have or one had by word but not what "
+    "all were we when your can said there use each which she do how their if will up other about out many then them these "
+    "so some her would make like him into time has look two more write go see number no way could people my than first "
+    "water been call who oil its now find long down day did get come made may part instruction response input task "
+    "below describes request appropriately completes write"
+).split()
+SPECIAL_LINES = [
+    "Ünïcödé façade naïve café — “quotes” and ‘apostrophes’…",
+    "日本語のテキストと中文文本混合。",
+    "emoji 🙂 🚀 👍🏽 and symbols ∑ ∫ √ ≤ ≥",
+    "    leading spaces and\ttabs\nnewlines\n\n### Instruction:\n### Response:",
+]
+
+
+def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + rng.choice([".", "!", "?", ",", ":"]) for _ in range(n)]
+    lines += [f"{rng.randint(0, 10**6)} items at {rng.random():.3f}" for _ in range(200)]
+    return lines + SPECIAL_LINES * 3
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BPE model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) and byte fallback."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines()),
+        model_prefix=str(out / "tok"),
+        model_type="bpe",
+        vocab_size=VOCAB,
+        character_coverage=0.99,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return out / "tok.model"
+
+
+def hf_config(**overrides: object) -> dict[str, object]:
+    cfg: dict[str, object] = dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def make_hf_model(seed: int = 0, **overrides: object) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**hf_config(**overrides))
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> torch.nn.Module:
+    """The independent reference: transformers' LlamaForCausalLM (GQA: 4 heads, 2 kv heads)."""
+    return make_hf_model()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory, hf_model: torch.nn.Module, tokenizer_path: Path) -> Path:
+    out = tmp_path_factory.mktemp("hf")
+    hf_model.save_pretrained(out, safe_serialization=True)
+    shutil.copy(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_sharded_dir(tmp_path_factory: pytest.TempPathFactory, hf_model: torch.nn.Module, tokenizer_path: Path) -> Path:
+    """The same weights as ``hf_dir`` in several safetensors files plus an index."""
+    out = tmp_path_factory.mktemp("hf_sharded")
+    hf_model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    shutil.copy(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+# Meta's model-parallel layout, restated here: column-parallel weights split rows, row-parallel split columns.
+SPLIT_ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
+SPLIT_COLS = ("tok_embeddings", "attention.wo", "feed_forward.w2")
+
+
+def write_meta_dir(out: Path, state: dict[str, torch.Tensor], params: dict[str, object], tokenizer_path: Path, shards: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(shards):
+        shard = {}
+        for name, t in state.items():
+            stem = name.rsplit(".", 1)[0]
+            if stem.endswith(SPLIT_ROWS):
+                t = t.chunk(shards, dim=0)[i]
+            elif stem.endswith(SPLIT_COLS):
+                t = t.chunk(shards, dim=1)[i]
+            shard[name] = t.clone()
+        shard["rope.freqs"] = torch.zeros(8)  # LLaMA-1 shards carry this unused buffer
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    (out / "params.json").write_text(json.dumps(params))
+    shutil.copy(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipe(hf_dir: Path):
+    """The tiny base model loaded through the public API (fp32, CPU)."""
+    import llama_adapter
+
+    return llama_adapter.load(hf_dir, device="cpu", dtype="fp32")

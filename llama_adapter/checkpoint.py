@@ -52,9 +52,9 @@ def _names(keys: list[str], limit: int = 12) -> str:
     return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _convert(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Floating tensors take the target dtype; .to() is a no-op (no copy) when nothing changes.
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+def _convert(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
+    # Floating tensors take the target dtype (None: keep the file's); .to() is a no-op when nothing changes.
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
 
 # ---------------------------------------------------------------- Meta checkpoints
@@ -73,7 +73,7 @@ def _meta_split_dim(name: str) -> int | None:
     return None
 
 
-def read_meta_checkpoint(directory: Path, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+def read_meta_checkpoint(directory: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, Tensor]:
     """Merge ``consolidated.NN.pth`` model-parallel shards into one state dict."""
     shards = sorted(directory.glob("consolidated.*.pth"))
     if not shards:
@@ -150,7 +150,7 @@ def hf_safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or *.safetensors in {directory}{hint}")
 
 
-def read_hf_checkpoint(directory: Path, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+def read_hf_checkpoint(directory: Path, args: ModelArgs, dtype: torch.dtype | None, device: torch.device) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     # safetensors can place tensors straight on the GPU; it reads CPU tensors through mmap.
     target = str(device)

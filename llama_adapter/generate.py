@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 serving (7B in about 8 GB)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU); the first request pays")
     args = p.parse_args(argv)
     if args.input is not None and args.instruction is None:
         p.error("--input goes with --instruction")
@@ -42,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompt = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
     try:
-        pipe = load(args.base, args.adapter, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+        pipe = load(
+            args.base,
+            args.adapter,
+            device=args.device,
+            dtype=args.dtype,
+            max_seq_len=args.max_seq_len,
+            quantize=args.quantize,
+            compile=args.compile,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)  # reported below, once, in our words
             stream = pipe.stream(

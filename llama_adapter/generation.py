@@ -95,19 +95,35 @@ def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: in
 class Decoder:
     """Runs the model over a batch of prompts with a KV cache and yields sampled tokens per step."""
 
-    def __init__(self, model: Transformer, pad_id: int) -> None:
+    def __init__(self, model: Transformer, pad_id: int, compile: bool = False) -> None:
         self.model = model
         self.pad_id = pad_id
         self._cache: KVCache | None = None
         self._cache_busy = False
+        # Opt-in: the one-token decode step compiled with static shapes (CUDA graphs on GPU).
+        self._static_step = None
+        if compile:
+            mode = "reduce-overhead" if model.rope_cos.device.type == "cuda" else None
+            self._static_step = torch.compile(self._decode_static, mode=mode, fullgraph=True, dynamic=False)
+
+    def _decode_static(
+        self, tokens: Tensor, index: Tensor, pads: Tensor, key_ok: Tensor, cache: KVCache, adapter: Sequence[AdapterKV | None]
+    ) -> Tensor:
+        """One decode step whose shapes never change: position ``index`` is a tensor, attention spans the whole cache."""
+        positions = (index - pads)[:, None]
+        mask = (key_ok & (torch.arange(key_ok.shape[1], device=key_ok.device) <= index))[:, None, None, :]
+        return self.model.forward_cached(tokens, positions, CacheStep(cache, 0, mask, index), adapter)
 
     def _take_cache(self, batch: int, length: int) -> KVCache:
-        p = next(self.model.parameters())
+        dtype, device = self.model.tok_embeddings.weight.dtype, self.model.rope_cos.device
         max_len = self.model.args.max_seq_len
-        if self._cache is not None and not self._cache_busy and self._cache.fits(batch, length, p.dtype, p.device):
+        if self._cache is not None and not self._cache_busy and self._cache.fits(batch, length, dtype, device):
             self._cache_busy = True
             return self._cache
-        cache = KVCache(self.model.args, batch, max_len, p.dtype, p.device)
+        cache = KVCache(self.model.args, batch, max_len, dtype, device)
+        if self._static_step is not None:  # CUDA graphs may then keep the cache in place
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
         if not self._cache_busy:  # keep the larger cache for later requests
             self._cache, self._cache_busy = cache, True
         return cache
@@ -152,14 +168,20 @@ class Decoder:
                 # Pad queries attend to themselves only, so no softmax row is empty.
                 mask = (causal & key_ok[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
                 mask = mask[:, None]
-            step = CacheStep(cache, 0, mask)
+            logits = model.forward_cached(tokens, positions, CacheStep(cache, 0, mask), adapter)
+            index = torch.tensor([width], device=device)
             for cur in range(width, width + n_new):
-                logits = model.forward_cached(tokens, positions, step, adapter)
                 next_tokens = sample(logits, temperature, top_p, generator)
                 yield next_tokens.tolist()
+                if cur + 1 == width + n_new:
+                    break
                 tokens = next_tokens[:, None]
-                positions = (cur - pads)[:, None]
-                step = CacheStep(cache, cur, key_ok[:, None, None, : cur + 1] if padded else None)
+                if self._static_step is not None:
+                    logits = self._static_step(tokens, index, pads, key_ok, cache, adapter)
+                    index += 1
+                else:
+                    step = CacheStep(cache, cur, key_ok[:, None, None, : cur + 1] if padded else None)
+                    logits = model.forward_cached(tokens, (cur - pads)[:, None], step, adapter)
         finally:
             self._give_back(cache)
 
@@ -268,14 +290,14 @@ def warn_truncated(request: Request) -> None:
 class Pipeline:
     """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for a batch."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, base: str = "", adapter: str | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, base: str = "", adapter: str | None = None, compile: bool = False) -> None:
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model only {model.args.vocab_size} embeddings")
         self.model = model
         self.tokenizer = tokenizer
         self.base = base
         self.adapter = adapter
-        self._decoder = Decoder(model, tokenizer.pad_id)
+        self._decoder = Decoder(model, tokenizer.pad_id, compile=compile)
 
     @property
     def device(self) -> torch.device:

@@ -11,6 +11,7 @@ from .checkpoint import check_state, fit_adapter, read_adapter, read_hf_checkpoi
 from .config import AdapterConfig, ModelArgs
 from .generation import Pipeline
 from .model import Transformer
+from .quantize import QUANTIZE_MODES, quantize_state, quantized_linear_names, swap_to_int8
 from .tokenizer import Tokenizer
 
 _DTYPES = {
@@ -59,7 +60,7 @@ def read_model_args(base_dir: Path, vocab_size: int, max_seq_len: int | None) ->
     raise FileNotFoundError(f"{base_dir} has neither params.json (Meta layout) nor config.json (Hugging Face layout)")
 
 
-def read_base_state(base_dir: Path, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_base_state(base_dir: Path, args: ModelArgs, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     if (base_dir / "params.json").is_file():
         return read_meta_checkpoint(base_dir, dtype, device)
     return read_hf_checkpoint(base_dir, args, dtype, device)
@@ -81,13 +82,20 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> Pipeline:
     """Load a LLaMA base model and (optionally) an adapter, ready to stream.
 
     ``base``: a Meta or Hugging Face checkpoint directory, or a Hub repo id (``owner/name[@rev]``).
     ``adapter``: an adapter file, an official release name, a Hub repo id or file, or an
     ``AdapterConfig`` for a fresh (zero-gated) adapter to train.
+    ``quantize="int8"``: weight-only int8 for the transformer's matrices (serving only).
+    ``compile=True``: decode with a ``torch.compile``d static-shape step (CUDA graphs on GPU);
+    the first request pays the compilation.
     """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     base_dir = hub.resolve_base(base)
@@ -109,8 +117,15 @@ def load(
     expected = shapes(model.state_dict().items())
     adapter_names = set(model.adapter_parameters())
 
-    state = read_base_state(base_dir, args, dtype, device)
+    # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
+    # so the full-precision model never sits on the device.
+    cpu = torch.device("cpu")
+    state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
     check_state({k: v for k, v in expected.items() if k not in adapter_names}, state, f"base checkpoint {base_dir}")
+    if quantize:
+        names = quantized_linear_names(model)
+        state = quantize_state(state, names, dtype, device)
+        swap_to_int8(model, names, dtype)
     if adapter_file is not None:
         adapter_state = fit_adapter(adapter_file, args, adapter_source or "")
         check_state({k: expected[k] for k in adapter_names}, adapter_state, adapter_source or "")
@@ -122,4 +137,4 @@ def load(
     model.init_rope(device)
     model.eval().requires_grad_(False)
     label = str(adapter) if adapter is not None and not isinstance(adapter, AdapterConfig) else None
-    return Pipeline(model, tokenizer, base=str(base), adapter=label)
+    return Pipeline(model, tokenizer, base=str(base), adapter=label, compile=compile)

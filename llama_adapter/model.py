@@ -78,6 +78,13 @@ class KVCache:
         self.v[layer, :b, :, start:end] = v
         return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
 
+    def update_at(self, layer: int, index: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Static-shape variant for compiled decoding: write at the positions in ``index``, return the whole cache."""
+        b = k.shape[0]
+        self.k[layer, :b].index_copy_(2, index, k)
+        self.v[layer, :b].index_copy_(2, index, v)
+        return self.k[layer, :b], self.v[layer, :b]
+
 
 @dataclass
 class CacheStep:
@@ -87,6 +94,8 @@ class CacheStep:
     start: int
     # Boolean [B, 1, T, S] (True = attend); None means plain causal from position 0 (or T == 1).
     mask: Tensor | None
+    # Compiled decoding: write at this position tensor and attend over the whole cache through ``mask``.
+    index: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -128,7 +137,10 @@ class Attention(nn.Module):
         if step is None:
             is_causal = True
         else:
-            k, v = step.cache.update(self.layer_id, step.start, k, v)
+            if step.index is None:
+                k, v = step.cache.update(self.layer_id, step.start, k, v)
+            else:
+                k, v = step.cache.update_at(self.layer_id, step.index, k, v)
             mask = step.mask
             is_causal = mask is None and t > 1
         gqa = self.n_kv_heads != self.n_heads

@@ -1,0 +1,47 @@
+"""The opt-in compiled decode step (static shapes) against the eager path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_adapter
+
+from .test_model import adapted_copy
+
+
+@pytest.fixture
+def light_compile(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """torch.compile without code generation: still one whole graph (fullgraph), just fast to build."""
+    calls: list[dict] = []
+    real = torch.compile
+
+    def compile_(fn, **kwargs):
+        calls.append(kwargs)
+        return real(fn, **{**kwargs, "backend": "aot_eager", "mode": None})
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    return calls
+
+
+def test_compiled_decode_equals_eager(light_compile: list[dict], hf_dir: Path, pipe) -> None:
+    compiled = llama_adapter.load(hf_dir, device="cpu", dtype="fp32", compile=True)
+    assert light_compile == [{"mode": None, "fullgraph": True, "dynamic": False}]
+    for prompt in ["the water", "which way do they go now"]:
+        expected = "".join(pipe.stream(prompt, max_new_tokens=24, temperature=0))
+        assert "".join(compiled.stream(prompt, max_new_tokens=24, temperature=0)) == expected
+    prompts = ["the water", "a long time ago the people made oil", "write"]
+    assert compiled.generate(prompts, max_new_tokens=12, temperature=0) == pipe.generate(prompts, max_new_tokens=12, temperature=0)
+
+
+def test_compiled_decode_with_adapter_matches_eager_logits(light_compile: list[dict], pipe) -> None:
+    model = adapted_copy(pipe, "tanh", gate_scale=1.0)
+    eager = llama_adapter.Pipeline(model, pipe.tokenizer)
+    compiled = llama_adapter.Pipeline(model, pipe.tokenizer, compile=True)
+    for seed in range(3):
+        a = eager.stream("the people", max_new_tokens=16, temperature=0.8, seed=seed)
+        b = compiled.stream("the people", max_new_tokens=16, temperature=0.8, seed=seed)
+        assert "".join(a) == "".join(b) and a.generated_ids == b.generated_ids

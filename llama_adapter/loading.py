@@ -124,7 +124,7 @@ def load(
     check_state({k: v for k, v in expected.items() if k not in adapter_names}, state, f"base checkpoint {base_dir}")
     if quantize:
         names = quantized_linear_names(model)
-        state = quantize_state(state, names, dtype, device)
+        state = quantize_state(state.items(), names, dtype, device)
         swap_to_int8(model, names, dtype)
     if adapter_file is not None:
         adapter_state = fit_adapter(adapter_file, args, adapter_source or "")

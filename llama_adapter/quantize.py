@@ -7,7 +7,7 @@ on CPU torch's ``_weight_int8pack_mm`` kernel avoids materialising the dequantis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +60,15 @@ def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None
         setattr(parent, child, Int8Linear(old.in_features, old.out_features, dtype, old.weight.device))
 
 
-def quantize_state(state: Mapping[str, Tensor], names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Move ``state`` to ``device``; the named Linear weights become int8 weight + scale, one tensor at a time."""
+def quantize_state(state: Iterable[tuple[str, Tensor]], names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Move (name, tensor) pairs to ``device``; the named Linear weights become int8 weight + scale.
+
+    One tensor at a time, so a lazy source (mmap, or weights generated on the fly) never
+    materialises the full-precision model on the device.
+    """
     targets = {f"{n}.weight" for n in names}
     out: dict[str, Tensor] = {}
-    for key, t in state.items():
+    for key, t in state:
         if key in targets:
             q, scale = quantize_weight(t.to(device), dtype)
             out[key], out[key.removesuffix("weight") + "scale"] = q, scale

@@ -1,0 +1,158 @@
+"""GPU benchmark: a LLaMA-7B-shaped model with random bf16 weights and a 10 x 30 adapter.
+
+    python bench/gpu.py                         # on a CUDA machine; appends to bench/RESULTS.md
+    python bench/gpu.py --small --device cpu    # the same code on a small config (a smoke run)
+
+Measures batch-1 decode tokens/s (eager and compiled) against the HBM bound (weight bytes per
+token over the copy bandwidth measured in the same run), prefill tokens/s, and int8 weight-only
+serving: peak memory and logit deviation from bf16 on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from common import append_results, weight_bytes_per_token
+
+from llama_adapter import AdapterConfig, ModelArgs, Transformer
+from llama_adapter.generation import Decoder
+from llama_adapter.loading import parse_dtype
+from llama_adapter.quantize import quantize_state, quantized_linear_names, swap_to_int8
+
+SHAPES = {
+    "7b": (ModelArgs(max_seq_len=2048), AdapterConfig(adapter_len=10, adapter_layer=30)),
+    "small": (ModelArgs(dim=512, n_layers=4, n_heads=8, max_seq_len=512), AdapterConfig(adapter_len=10, adapter_layer=2)),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_weights(model: Transformer, dtype: torch.dtype, device: torch.device, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Deterministic random tensors, one at a time (the same seed gives the same model in any dtype)."""
+    for i, (name, meta) in enumerate(model.state_dict().items()):
+        g = torch.Generator(device).manual_seed(seed + i)
+        if name.endswith("norm.weight"):
+            t = torch.ones(meta.shape, device=device)
+        elif name.endswith(".gate"):
+            t = torch.rand(meta.shape, generator=g, device=device) * 0.5 + 0.25  # non-zero: the adapter is on
+        else:
+            t = torch.randn(meta.shape, generator=g, device=device) * 0.02
+        yield name, t.to(torch.float32 if name in model.adapter_parameters() else dtype)
+
+
+def build(shape: str, dtype: torch.dtype, device: torch.device, quantize: bool, seed: int = 0) -> Transformer:
+    args, adapter = SHAPES[shape]
+    with torch.device("meta"):
+        model = Transformer(args, adapter)
+    names = quantized_linear_names(model) if quantize else []
+    weights = random_weights(model, dtype, device, seed)
+    state = quantize_state(weights, names, dtype, device) if quantize else dict(weights)
+    swap_to_int8(model, names, dtype)
+    model.load_state_dict(state, assign=True)
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int) -> float:
+    src = torch.ones(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
+    return 2 * n_bytes / best
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def decode(decoder: Decoder, prompt: list[int], n: int, device: torch.device) -> tuple[float, float]:
+    """(time to first token, decode tokens/s after it), greedy."""
+    sync(device)
+    start = time.perf_counter()
+    first = 0.0
+    for i, _ in enumerate(decoder.steps([prompt], n, 0.0, 1.0, None)):
+        if i == 0:
+            first = time.perf_counter() - start
+    sync(device)
+    return first, (n - 1) / (time.perf_counter() - start - first)
+
+
+def prefill_rate(model: Transformer, batch: int, length: int, device: torch.device) -> float:
+    decoder = Decoder(model, 0)
+    prompts = torch.randint(3, model.args.vocab_size, (batch, length)).tolist()
+    seconds = min(timed(lambda: list(decoder.steps(prompts, 1, 0.0, 1.0, None)), device) for _ in range(3))
+    return batch * length / seconds
+
+
+def logit_deviation(a: Transformer, b: Transformer, device: torch.device) -> tuple[float, float]:
+    tokens = torch.randint(3, a.args.vocab_size, (1, 128), device=device, generator=torch.Generator(device).manual_seed(1))
+    with torch.inference_mode():
+        ref, got = a(tokens), b(tokens)
+    diff = (got - ref).abs()
+    return (diff.max() / ref.abs().max()).item(), (diff.mean() / ref.abs().mean()).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="a small config instead of 7B (smoke runs)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    shape = "small" if args.small else "7b"
+    rows: list[tuple[str, str]] = []
+    prompt = torch.randint(3, 32000, (args.prompt_len,)).tolist()
+
+    model = build(shape, dtype, device, quantize=False)
+    bw = copy_bandwidth(device, 1 << 32 if device.type == "cuda" else 1 << 28)
+    bound = bw / weight_bytes_per_token(model)
+    rows.append(("copy bandwidth", f"{bw / 1e9:.0f} GB/s"))
+    rows.append(("decode bound (weights / bandwidth)", f"{bound:.0f} tok/s"))
+    variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
+    for label, compiled in variants:
+        decoder = Decoder(model, 0, compile=compiled)
+        decode(decoder, prompt, 8, device)  # warm-up (and compilation)
+        ttft, rate = decode(decoder, prompt, args.new_tokens, device)
+        rows.append((f"{args.dtype} decode, batch 1, {label}", f"{rate:.1f} tok/s ({rate / bound:.0%} of bound), TTFT {ttft * 1e3:.1f} ms"))
+    for batch, length in ((1, min(1024, model.args.max_seq_len // 2)), (8, min(512, model.args.max_seq_len // 2))):
+        rows.append((f"prefill, {batch} x {length} tokens", f"{prefill_rate(model, batch, length, device):,.0f} tok/s"))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_memory = torch.cuda.memory_allocated()
+    quant = build(shape, dtype, device, quantize=True)
+    decoder = Decoder(quant, 0)
+    decode(decoder, prompt, 8, device)
+    ttft, rate = decode(decoder, prompt, args.new_tokens, device)
+    rows.append(("int8 decode, batch 1, eager", f"{rate:.1f} tok/s, TTFT {ttft * 1e3:.1f} ms"))
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base_memory) / 2**30
+        rows.append(("int8 serving peak memory (weights + cache + activations)", f"{peak:.2f} GiB"))
+    worst, mean = logit_deviation(model, quant, device)
+    rows.append((f"int8 logits vs {args.dtype} (max / mean relative deviation)", f"{worst:.2%} / {mean:.2%}"))
+
+    out = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    print(out)
+    if not args.no_save:
+        title = f"GPU ({shape}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens)"
+        append_results(title, "python bench/gpu.py " + shlex.join(sys.argv[1:]), out)
+
+
+if __name__ == "__main__":
+    main()

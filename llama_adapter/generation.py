@@ -25,7 +25,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
-        probs[probs.cumsum(dim=-1) - probs > top_p] = 0.0
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # no host sync, unlike boolean indexing
         choice = torch.multinomial(probs, 1, generator=generator)
         return order.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -181,3 +181,14 @@ def test_adapter_kv_is_computed_once_per_request(pipe, monkeypatch: pytest.Monke
     monkeypatch.setattr(model, "adapter_kv", lambda *a, **k: calls.append(1) or original(*a, **k))
     text = "".join(p.stream("the water", max_new_tokens=12, temperature=0))
     assert text and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_in_that_dtype_and_stays_close(hf_dir: Path, pipe, dtype: torch.dtype) -> None:
+    half = llama_adapter.load(hf_dir, device="cpu", dtype=dtype)
+    assert half.dtype == dtype and half.model.layers[0].attention.wq.weight.dtype == dtype
+    tokens = tokens_for(pipe, SAMPLE)
+    with torch.no_grad():
+        ref, got = pipe.model(tokens), half.model(tokens)
+    assert got.dtype == torch.float32  # logits come back in fp32 for sampling
+    assert (got.softmax(-1) - ref.softmax(-1)).abs().max().item() < 0.05

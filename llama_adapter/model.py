@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .config import AdapterConfig, ModelArgs
 
@@ -236,3 +237,26 @@ class Transformer(nn.Module):
         for layer, layer_adapter in zip(self.layers, adapter, strict=True):
             h = layer(h, cos, sin, layer_adapter, step)
         return self.output(self.norm(h[:, -1])).float()
+
+    def training_hidden(self, tokens: Tensor, visual_prompt: Tensor | None = None, checkpoint: bool = False) -> Tensor:
+        """Final-norm hidden states [B, T, D] for training the adapter; ``self.output`` of them gives the logits.
+
+        The frozen layers below the adapter run under no_grad, so none of their activations
+        are kept for backward.  With ``checkpoint`` the adapted layers recompute theirs in
+        backward instead of storing them (for long sequences).
+        """
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
+        with torch.no_grad():
+            h = self.tok_embeddings(tokens)
+            for layer in self.layers[: self.first_adapted_layer]:
+                h = layer(h, cos, sin, None, None)
+        adapter = self.adapter_kv(visual_prompt)[self.first_adapted_layer :]
+        for layer, layer_adapter in zip(self.layers[self.first_adapted_layer :], adapter, strict=True):
+            if checkpoint:
+                h = recompute_in_backward(layer, h, cos, sin, layer_adapter, None, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, layer_adapter, None)
+        return self.norm(h)

@@ -8,12 +8,16 @@ where ``Kp, Vp = P Wk, P Wv`` come from that layer's adaption prompt ``P`` (no R
 mask) and ``gate`` is a per-head parameter initialised to zero.  ``g`` is tanh or identity.
 The gate is folded into ``Vp`` once per request (``Transformer.adapter_kv``), so a decode
 step costs one extra small SDPA call per adapted layer and no matmul over the prompt.
+
+The official V2 extras (``AdapterConfig.bias``, ``lora_rank``) change the projections of every
+layer; they exist only when switched on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -89,27 +93,63 @@ class CacheStep:
     mask: Tensor | None
 
 
+def _add_low_rank(down: nn.Linear, up: nn.Linear, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    return output + up(down(inputs[0]))
+
+
+def add_lora(parent: nn.Module, names: Sequence[str], rank: int) -> None:
+    """Official V2 LoRA on ``parent.<name>``: ``name(x) + lora_<name>_l2(lora_<name>_l1(x))``, no scaling, l2 zero.
+
+    The low-rank path rides on a forward hook of the base projection: the plain model's code
+    has no LoRA branch at all, and the keys keep the official sibling names (``lora_wq_l1``).
+    """
+    for name in names:
+        base: nn.Linear = getattr(parent, name)
+        down = nn.Linear(base.in_features, rank, bias=False)
+        up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(up.weight)
+        parent.add_module(f"lora_{name}_l1", down)
+        parent.add_module(f"lora_{name}_l2", up)
+        base.register_forward_hook(partial(_add_low_rank, down, up))
+
+
+def _zero_biases(*layers: nn.Linear) -> None:
+    for layer in layers:
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)  # bias tuning starts at the base model
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        bias = extras is not None and extras.bias
+        lora_rank = extras.lora_rank if extras is not None else 0
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
+        _zero_biases(self.wq, self.wo)
         self.gate: nn.Parameter | None = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if adapted else None
+        # Official V2 ties new_gate (a scalar on the adapter branch, initialised to 1) to LoRA.
+        self.new_gate: nn.Parameter | None = nn.Parameter(torch.ones(1, 1, 1, 1)) if adapted and lora_rank else None
+        if lora_rank:
+            add_lora(self, ("wq", "wk", "wv", "wo"), lora_rank)
 
     def adapter_kv(self, prompt: Tensor, activation: str) -> AdapterKV:
         """Kp and g(gate)*Vp, each [B|1, n_heads, L, hd], from the adaption prompt [B|1, L, D]."""
         assert self.gate is not None
         b, length, _ = prompt.shape
-        k = self.wk(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # F.linear, not self.wk(...): the official code applies no LoRA to the adaption prompt.
+        k = F.linear(prompt, self.wk.weight).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(prompt, self.wv.weight).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         gate = self.gate.tanh() if activation == "tanh" else self.gate
+        if self.new_gate is not None:
+            gate = gate * self.new_gate
         return k, v * gate.to(v.dtype)
 
     def forward(
@@ -141,21 +181,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, lora_rank: int = 0) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+        _zero_biases(self.w1, self.w2, self.w3)
+        if lora_rank:
+            add_lora(self, ("w1", "w2", "w3"), lora_rank)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
-        self.attention = Attention(args, layer_id, adapted)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, layer_id, adapted, extras)
+        bias, lora_rank = (extras.bias, extras.lora_rank) if extras is not None else (False, 0)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, bias, lora_rank)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -173,7 +217,7 @@ class Transformer(nn.Module):
             raise ValueError(f"adapter_layer {adapter.adapter_layer if adapter else 0} exceeds the model's {args.n_layers} layers")
         self.first_adapted_layer = first
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i, adapted=adapter is not None and i >= first) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, adapter is not None and i >= first, adapter) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if adapter is not None:
@@ -188,8 +232,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The adapter's own parameters by state-dict name (prompts and gates)."""
-        return {n: p for n, p in self.named_parameters() if n == "adapter_query.weight" or n.endswith(".attention.gate")}
+        """The adapter's parameters by state-dict name: prompts and gates, plus the V2 extras that are on
+        (biases, LoRA and new_gate, and the norm weights when norms are tuned)."""
+        if self.adapter is None:
+            return {}
+        tuned_norms = self.adapter.norm
+        return {n: p for n, p in self.named_parameters() if _is_adapter_parameter(n, tuned_norms)}
 
     def adapter_kv(self, visual_prompt: Tensor | None = None) -> list[AdapterKV | None]:
         """Per layer (None below the adapted layers): Kp and gated Vp for the whole request.
@@ -205,6 +253,10 @@ class Transformer(nn.Module):
             prompt = prompts[j] if visual_prompt is None else prompts[j] + visual_prompt
             out.append(layer.attention.adapter_kv(prompt.to(dtype), self.adapter.gate_activation))
         return out
+
+    def base_parameter_names(self) -> set[str]:
+        """The names a base LLaMA checkpoint provides: all but prompts, gates, biases and LoRA (norms included)."""
+        return {n for n in self.state_dict() if not _is_adapter_parameter(n, tuned_norms=False)}
 
     def forward(self, tokens: Tensor, visual_prompt: Tensor | None = None) -> Tensor:
         """Full causal forward with no cache: float32 logits [B, T, V]."""
@@ -224,3 +276,13 @@ class Transformer(nn.Module):
         for layer, layer_adapter in zip(self.layers, adapter, strict=True):
             h = layer(h, cos, sin, layer_adapter, step)
         return self.output(self.norm(h[:, -1])).float()
+
+
+def _is_norm(name: str) -> bool:
+    return name == "norm.weight" or name.endswith(("attention_norm.weight", "ffn_norm.weight"))
+
+
+def _is_adapter_parameter(name: str, tuned_norms: bool) -> bool:
+    if name == "adapter_query.weight" or name.endswith((".attention.gate", ".attention.new_gate", ".bias")):
+        return True
+    return ".lora_" in name or (tuned_norms and _is_norm(name))

@@ -1,17 +1,20 @@
-"""LLaMA-Adapter: a frozen LLaMA with zero-init attention adapters, streaming generation."""
+"""LLaMA-Adapter: a frozen LLaMA with zero-init attention adapters (and images through CLIP), streaming generation."""
 
 from .checkpoint import CheckpointError, read_adapter, save_adapter
-from .config import AdapterConfig, ModelArgs
+from .config import AdapterConfig, ModelArgs, VisualConfig
 from .generation import Pipeline, PromptTruncatedWarning, TextStream, sample
 from .hub import ResolveError
 from .loading import load
 from .model import Transformer
-from .prompts import format_prompt
+from .prompts import caption_prompt, format_prompt
 from .tokenizer import Tokenizer
+from .visual import ClipSpec, ImageError
 
 __all__ = [
     "AdapterConfig",
     "CheckpointError",
+    "ClipSpec",
+    "ImageError",
     "ModelArgs",
     "Pipeline",
     "PromptTruncatedWarning",
@@ -19,6 +22,8 @@ __all__ = [
     "TextStream",
     "Tokenizer",
     "Transformer",
+    "VisualConfig",
+    "caption_prompt",
     "format_prompt",
     "load",
     "read_adapter",

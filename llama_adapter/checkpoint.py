@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,19 +18,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import AdapterConfig, ModelArgs
+from .config import AdapterConfig, ModelArgs, VisualConfig
 
 FORMAT_NAME = "llama-adapter"
-FORMAT_VERSION = "1"
+# Version 2 adds the V2 extras (bias, norm, lora_rank, visual); files without extras stay version 1.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
 
 class CheckpointError(ValueError):
     """A weight file does not match the model it is loaded into."""
 
 
-def check_state(expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str) -> None:
-    """Raise a CheckpointError naming every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(got))
+def check_state(expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str, optional: Iterable[str] = ()) -> None:
+    """Raise a CheckpointError naming every missing (unless ``optional``), unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(got) - set(optional))
     unexpected = sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
     if not (missing or unexpected or wrong):
@@ -182,7 +184,7 @@ class AdapterFile:
 
     config: AdapterConfig
     tensors: dict[str, Tensor]
-    kind: str  # "llama-adapter" (ours) or "official-v1"
+    kind: str  # "llama-adapter" (ours), "official-v1" or "official-v2"
     metadata: dict[str, str] = field(default_factory=dict)
 
     def base_dims(self) -> dict[str, int] | None:
@@ -200,11 +202,17 @@ def read_adapter(path: str | Path) -> AdapterFile:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if "model" in state and "config" in state:
-        raise CheckpointError(
-            f"{path} is an official LLaMA-Adapter V2 (multimodal) checkpoint; this version loads V1 adapters "
-            "and its own .safetensors adapters"
-        )
+        return _read_official_v2(path, state["model"], state["config"])
     return _read_official_v1(path, state)
+
+
+def _top_gates(path: Path, tensors: Mapping[str, Tensor], adapter_layer: int) -> list[int]:
+    """The layers of the top ``adapter_layer`` gates; they must be consecutive."""
+    gates = sorted(int(m.group(1)) for k in tensors if (m := _GATE_RE.match(k)))
+    used = gates[-adapter_layer:]
+    if len(used) < adapter_layer or used != list(range(used[0], used[0] + adapter_layer)):
+        raise CheckpointError(f"{path}: needs gates on {adapter_layer} consecutive top layers, found layers {gates}")
+    return used
 
 
 _V1_NAME_RE = re.compile(r"len(\d+)_layer(\d+)")
@@ -233,13 +241,74 @@ def _read_official_v1(path: Path, state: dict[str, Tensor]) -> AdapterFile:
             f"{path}: cannot tell adapter_len and adapter_layer from {rows} prompt rows and {len(gates)} gates; "
             "name the file with its shape, e.g. ..._len10_layer30.pth"
         )
-    used = sorted(gates)[-adapter_layer:]
-    if len(used) < adapter_layer or used != list(range(used[0], used[0] + adapter_layer)):
-        raise CheckpointError(f"{path}: needs gates on {adapter_layer} consecutive top layers, found layers {sorted(gates)}")
+    used = _top_gates(path, state, adapter_layer)
     tensors = {"adapter_query.weight": state["adapter_query.weight"]} | {gates[i]: state[gates[i]] for i in used}
     config = AdapterConfig(adapter_len=adapter_len, adapter_layer=adapter_layer, gate_activation="identity")
     # fit_adapter checks that these are the top layers of the base model.
     return AdapterFile(config, tensors, "official-v1", {"first_layer": str(used[0])})
+
+
+# Official V2 key prefixes: the LLaMA side under "llama.", CLIP under "clip." (its vision tower under "clip.visual.").
+_V2_LLAMA, _V2_CLIP_VISUAL, _V2_CLIP = "llama.", "clip.visual.", "clip."
+_V2_NUM_HEADS = 16  # the official loader's v_num_heads: a head count cannot be read from weight shapes
+_LLAMA_NORM_RE = re.compile(r"^(norm|layers\.\d+\.(attention_norm|ffn_norm))\.weight$")
+_LAYER_BIAS_RE = re.compile(r"^layers\.\d+\.(attention\.w[qo]|feed_forward\.w[123])\.bias$")
+_BELOW_ADAPTER_RE = re.compile(r"^layers\.(\d+)\.attention\.(gate|new_gate)$")
+_VISUAL_BLOCK_RE = re.compile(r"^visual_blocks\.(\d+)\.")
+
+
+def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
+    """An official V2 multimodal file: ``{'model': state, 'config': {'w_bias', 'w_lora', 'lora_rank'}}``.
+
+    Keys map to ours by dropping ``llama.`` (LLaMA side) and ``visual.`` after ``clip.`` (CLIP's
+    vision tower); the visual adapter's names are already ours.  Two kinds of keys are read and
+    deliberately not used, as in the official code: CLIP's text tower (``clip.*`` outside
+    ``clip.visual``) and the gates (and new_gates) of layers below the adapted ones.
+    """
+    if not isinstance(model, dict) or not isinstance(config, dict):
+        raise CheckpointError(f"{path}: an official V2 file holds dicts under 'model' and 'config'")
+    tensors: dict[str, Tensor] = {}
+    for key, t in model.items():
+        if not isinstance(t, Tensor):
+            raise CheckpointError(f"{path}: {key} is a {type(t).__name__}, not a tensor")
+        if key.startswith(_V2_LLAMA):
+            tensors[key.removeprefix(_V2_LLAMA)] = t
+        elif key.startswith(_V2_CLIP_VISUAL):
+            tensors["clip." + key.removeprefix(_V2_CLIP_VISUAL)] = t
+        elif not key.startswith(_V2_CLIP):
+            tensors[key] = t
+    for key in ("adapter_query.weight", "visual_query.weight", "clip_proj.weight", "visual_blocks.0.mlp.fc1.weight"):
+        if key not in tensors:
+            raise CheckpointError(f"{path}: not a complete LLaMA-Adapter V2 multimodal file (no {key})")
+    query_len, embed_dim = tensors["visual_query.weight"].shape
+    rows = tensors["adapter_query.weight"].shape[0]
+    if rows % query_len:
+        raise CheckpointError(f"{path}: {rows} adapter_query rows are not a multiple of the {query_len} visual queries")
+    adapter_layer = rows // query_len
+    first = _top_gates(path, tensors, adapter_layer)[0]
+    tensors = {k: t for k, t in tensors.items() if not ((m := _BELOW_ADAPTER_RE.match(k)) and int(m.group(1)) < first)}
+    w_lora = bool(config.get("w_lora", False))
+    lora_rank = config.get("lora_rank", 16) if w_lora else 0
+    if not isinstance(lora_rank, int) or lora_rank < 0:
+        raise CheckpointError(f"{path}: config lora_rank {lora_rank!r} is not a rank")
+    visual = VisualConfig(
+        clip_dim=tensors["clip_proj.weight"].shape[1],
+        embed_dim=embed_dim,
+        depth=1 + max(int(m.group(1)) for k in tensors if (m := _VISUAL_BLOCK_RE.match(k))),
+        num_heads=_V2_NUM_HEADS,
+        mlp_ratio=tensors["visual_blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+    )
+    config_out = AdapterConfig(
+        adapter_len=query_len,
+        adapter_layer=adapter_layer,
+        gate_activation="tanh",
+        # The official model always has (zero-init) biases; a file without them equals one with zeros.
+        bias=any(_LAYER_BIAS_RE.match(k) for k in tensors),
+        norm=any(_LLAMA_NORM_RE.match(k) for k in tensors),
+        lora_rank=lora_rank,
+        visual=visual,
+    )
+    return AdapterFile(config_out, tensors, "official-v2", {"first_layer": str(first)})
 
 
 def _read_own_adapter(path: Path) -> AdapterFile:
@@ -248,17 +317,26 @@ def _read_own_adapter(path: Path) -> AdapterFile:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a {FORMAT_NAME} adapter file (metadata format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: adapter format version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION!r}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: adapter format version {meta.get('format_version')!r}; this version reads {', '.join(READABLE_VERSIONS)}"
+        )
     try:
+        visual = json.loads(meta["visual"]) if meta.get("visual") else None
         config = AdapterConfig(
             adapter_len=int(meta["adapter_len"]),
             adapter_layer=int(meta["adapter_layer"]),
             gate_activation=meta["gate_activation"],  # type: ignore[arg-type]
             prompt_template=meta.get("prompt_template", "alpaca"),
+            bias=meta.get("bias", "false") == "true",
+            norm=meta.get("norm", "false") == "true",
+            lora_rank=int(meta.get("lora_rank", "0")),
+            visual=VisualConfig(**visual) if visual is not None else None,
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: adapter metadata lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: adapter metadata is invalid: {e}") from None
     return AdapterFile(config, tensors, FORMAT_NAME, dict(meta))
 
 
@@ -283,9 +361,10 @@ def fit_adapter(adapter: AdapterFile, args: ModelArgs, source: str) -> dict[str,
 
 
 def adapter_metadata(config: AdapterConfig, args: ModelArgs, training_args: Mapping[str, object] | None = None) -> dict[str, str]:
-    return {
+    meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        # Files without extras stay readable by version-1 readers.
+        "format_version": FORMAT_VERSION if config.has_extras else "1",
         "adapter_len": str(config.adapter_len),
         "adapter_layer": str(config.adapter_layer),
         "gate_activation": config.gate_activation,
@@ -293,6 +372,11 @@ def adapter_metadata(config: AdapterConfig, args: ModelArgs, training_args: Mapp
         "base_model": json.dumps(args.summary(), sort_keys=True),
         "training_args": json.dumps(dict(training_args or {}), sort_keys=True, default=str),
     }
+    if config.has_extras:
+        meta |= {"bias": str(config.bias).lower(), "norm": str(config.norm).lower(), "lora_rank": str(config.lora_rank)}
+    if config.visual is not None:
+        meta["visual"] = json.dumps(asdict(config.visual), sort_keys=True)
+    return meta
 
 
 def save_adapter(

@@ -100,20 +100,62 @@ class ModelArgs:
 
 
 @dataclass
+class VisualConfig:
+    """The image side of a multimodal adapter (official V2 layout).
+
+    CLIP's tokens go through ``clip_proj`` + ``clip_proj_norm`` to ``embed_dim``; ``adapter_len``
+    learned queries are put in front, ``depth`` ViT blocks run over both, and the queries come
+    out through ``visual_proj`` + ``visual_proj_norm`` as one visual prompt added to every
+    adapted layer's adaption prompt.
+    """
+
+    clip_model: str = "ViT-L-14"  # the open_clip model the adapter was trained with
+    clip_pretrained: str | None = "openai"  # its open_clip pretrained tag
+    clip_dim: int = 768  # width of CLIP's output tokens (after its ``proj``)
+    embed_dim: int = 768
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"visual embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if min(self.clip_dim, self.embed_dim, self.depth, self.num_heads) < 1:
+            raise ValueError(f"visual dims must be >= 1: {self}")
+
+
+@dataclass
 class AdapterConfig:
-    """Adaption prompts of ``adapter_len`` tokens in each of the top ``adapter_layer`` layers."""
+    """Adaption prompts of ``adapter_len`` tokens in each of the top ``adapter_layer`` layers.
+
+    The official V2 extras are off by default; when off they add no module, parameter or branch:
+    ``bias`` (zero-init biases on wq, wo, w1, w2, w3 of every layer), ``norm`` (the RMSNorm
+    weights are tuned and travel with the adapter), ``lora_rank`` > 0 (LoRA on every projection
+    of every layer, plus the official ``new_gate`` on the adapter branch) and ``visual``.
+    """
 
     adapter_len: int = 10
     adapter_layer: int = 30
     # tanh for adapters we train and the official V2 ones; identity for the official V1 release.
     gate_activation: GateActivation = "tanh"
     prompt_template: str = "alpaca"
+    bias: bool = False
+    norm: bool = False
+    lora_rank: int = 0
+    visual: VisualConfig | None = None
 
     def __post_init__(self) -> None:
         if self.gate_activation not in ("tanh", "identity"):
             raise ValueError(f"gate_activation must be 'tanh' or 'identity', not {self.gate_activation!r}")
         if self.adapter_len < 1 or self.adapter_layer < 1:
             raise ValueError(f"adapter_len and adapter_layer must be >= 1, got {self.adapter_len}, {self.adapter_layer}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 is no LoRA), got {self.lora_rank}")
+
+    @property
+    def has_extras(self) -> bool:
+        """Whether anything beyond prompts and gates is on (files then need format version 2)."""
+        return self.bias or self.norm or self.lora_rank > 0 or self.visual is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,7 @@
 """Command line: stream a completion to stdout.
 
-python -m llama_adapter.generate --base B [--adapter A] (--prompt TEXT | --instruction TEXT [--input TEXT])
+python -m llama_adapter.generate --base B [--adapter A] (--prompt TEXT | --instruction TEXT [--input TEXT] | --caption)
+    [--image PATH]
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from . import load
 from .checkpoint import CheckpointError
 from .generation import PromptTruncatedWarning
 from .hub import ResolveError
-from .prompts import format_prompt
+from .prompts import caption_prompt, format_prompt
+from .visual import ImageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="raw prompt text, used as is")
     text.add_argument("--instruction", help="an instruction, wrapped in the Alpaca template")
+    text.add_argument("--caption", action="store_true", help="caption --image with the official caption prompt")
     p.add_argument("--input", help="optional input for --instruction")
+    p.add_argument("--image", help="image file for a multimodal adapter (e.g. BIAS-7B, CAPTION-7B)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.1, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=0.75)
@@ -37,12 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.input is not None and args.instruction is None:
         p.error("--input goes with --instruction")
+    if args.caption and args.image is None:
+        p.error("--caption needs --image")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prompt = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
+    if args.caption:
+        prompt = caption_prompt()
+    else:
+        prompt = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
     try:
         pipe = load(
             args.base,
@@ -62,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                 top_p=args.top_p,
                 stop=args.stop,
                 seed=args.seed,
+                image=args.image,
             )
         if stream.truncated_tokens:
             print(f"note: the prompt was too long; its first {stream.truncated_tokens} tokens were dropped", file=sys.stderr)
         for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()
-    except (ResolveError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ResolveError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .model import AdapterKV, CacheStep, KVCache, Transformer
 from .tokenizer import StreamDecoder, Tokenizer
+from .visual import ImageInput, VisualEncoder
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -288,15 +289,29 @@ def warn_truncated(request: Request) -> None:
 
 
 class Pipeline:
-    """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for a batch."""
+    """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for a batch.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, base: str = "", adapter: str | None = None, compile: bool = False) -> None:
+    With a ``visual`` encoder (multimodal adapters) both take ``image=``.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        base: str = "",
+        adapter: str | None = None,
+        visual: VisualEncoder | None = None,
+        compile: bool = False,
+    ) -> None:
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model only {model.args.vocab_size} embeddings")
+        if visual is not None and model.adapter is None:
+            raise ValueError("a visual encoder needs a model with an adapter: the image enters through the adaption prompts")
         self.model = model
         self.tokenizer = tokenizer
         self.base = base
         self.adapter = adapter
+        self.visual = visual
         self._decoder = Decoder(model, tokenizer.pad_id, compile=compile)
 
     @property
@@ -311,15 +326,44 @@ class Pipeline:
     def max_seq_len(self) -> int:
         return self.model.args.max_seq_len
 
+    @property
+    def multimodal(self) -> bool:
+        """Whether ``image=`` is accepted."""
+        return self.visual is not None
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """Everything an adapter file holds (for ``save_adapter``): the model's adapter parameters and,
+        for multimodal models, the visual adapter's (CLIP excluded)."""
+        tensors: dict[str, Tensor] = dict(self.model.adapter_parameters())
+        if self.visual is not None:
+            tensors |= self.visual.adapter_parameters()
+        return tensors
+
     def adapter_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.adapter_parameters().values())
+        return sum(p.numel() for p in self.adapter_tensors().values())
+
+    def visual_prompt(self, image: ImageInput | Sequence[ImageInput] | None, batch: int) -> Tensor | None:
+        """The image(s) encoded once for the request: [1 or batch, adapter_len, D], or None without an image."""
+        if image is None:
+            return None
+        if self.visual is None:
+            raise ValueError("this model takes no images: load it with a multimodal adapter to pass image=")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(images) not in (1, batch):
+            raise ValueError(f"got {len(images)} images for {batch} prompts: pass one image for all, or one per prompt")
+        return self.visual.encode(images)
 
     def _start(
-        self, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_p: float, seed: int | None, image: object
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        image: ImageInput | Sequence[ImageInput] | None,
     ) -> tuple[list[Request], Iterator[list[int]]]:
         check_sampling(max_new_tokens, temperature, top_p)
-        if image is not None:
-            raise ValueError("this model takes no images: load it with a multimodal adapter to pass image=")
+        visual_prompt = self.visual_prompt(image, len(prompts))
         requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
         for r in requests:
             warn_truncated(r)
@@ -330,7 +374,7 @@ class Pipeline:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator)
+        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator, visual_prompt)
         return requests, steps
 
     def stream(
@@ -342,9 +386,12 @@ class Pipeline:
         top_p: float = 0.75,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        image: object = None,
+        image: ImageInput | None = None,
     ) -> TextStream:
         """Stream the continuation of the raw ``prompt`` (no template applied) as text deltas.
+
+        ``image`` (multimodal models): a file path, PIL image or numpy RGB array; a bad image
+        raises ``ImageError`` here, before any text.
 
         A prompt too long for the context is truncated from the left (BOS kept) with a
         ``PromptTruncatedWarning``; ``stream.truncated_tokens`` tells how many tokens went.
@@ -361,9 +408,12 @@ class Pipeline:
         top_p: float = 0.75,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        image: object = None,
+        image: ImageInput | Sequence[ImageInput] | None = None,
     ) -> list[str]:
-        """Complete several prompts in one batch; greedy results equal ``stream`` one by one."""
+        """Complete several prompts in one batch; greedy results equal ``stream`` one by one.
+
+        ``image``: one image for every prompt, or a list with one per prompt.
+        """
         if not prompts:
             return []
         _, steps = self._start(prompts, max_new_tokens, temperature, top_p, seed, image)

@@ -35,12 +35,33 @@ class Release:
         return self.url.rsplit("/", 1)[-1]
 
 
-# Official adapter releases by name.  The V2 file names start with their sha256.
+def sha256_named_release(url: str) -> Release:
+    """A release whose file name starts with its sha256 (``<sha256>_<name>.pth``), as the official V2 loader assumes."""
+    digest = url.rsplit("/", 1)[-1].split("_", 1)[0]
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"{url}: the file name does not start with a sha256")
+    return Release(url, digest)
+
+
+_V2_RELEASES = "https://github.com/OpenGVLab/LLaMA-Adapter/releases/download"
+
+# Official adapter releases by name.
 OFFICIAL_ADAPTERS: dict[str, Release] = {
     # No checksum was ever published for the V1 file.
     "LLaMA-Adapter-V1": Release(
         "https://github.com/OpenGVLab/LLaMA-Adapter/releases/download/v.1.0.0/llama_adapter_len10_layer30_release.pth",
         None,
+    ),
+    # The multimodal V2 models (LLaMA-7B base + CLIP ViT-L/14), as listed in the official _MODELS.
+    "BIAS-7B": sha256_named_release(f"{_V2_RELEASES}/v.2.0.0/7fa55208379faf2dd862565284101b0e4a2a72114d6490a95e432cf9d9b6c813_BIAS-7B.pth"),
+    "LORA-BIAS-7B": sha256_named_release(
+        f"{_V2_RELEASES}/v.2.0.0/1bcbffc43484332672092e0024a8699a6eb5f558161aebf98a7c6b1db67224d1_LORA-BIAS-7B.pth"
+    ),
+    "CAPTION-7B": sha256_named_release(
+        f"{_V2_RELEASES}/v.2.0.0/5088aeb63a89746b90bcfd5cb819e1c7411b2771b267c6d131ce73e250a8abf0_CAPTION-7B.pth"
+    ),
+    "LORA-BIAS-7B-v21": sha256_named_release(
+        f"{_V2_RELEASES}/v.2.1.0/d26d107eec32127ac86ef1997cf7169de1c56a59c539fc1258c6798b969e289c_LORA-BIAS-7B-v21.pth"
     ),
 }
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import hub
 from .checkpoint import check_state, fit_adapter, read_adapter, read_hf_checkpoint, read_meta_checkpoint, shapes
-from .config import AdapterConfig, ModelArgs
+from .config import AdapterConfig, ModelArgs, VisualConfig
 from .generation import Pipeline
 from .model import Transformer
 from .quantize import QUANTIZE_MODES, quantize_state, quantized_linear_names, swap_to_int8
 from .tokenizer import Tokenizer
+from .visual import ClipSpec, VisualEncoder, build_clip
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -66,13 +69,42 @@ def read_base_state(base_dir: Path, args: ModelArgs, dtype: torch.dtype | None, 
     return read_hf_checkpoint(base_dir, args, dtype, device)
 
 
-def fresh_adapter_state(model: Transformer, device: torch.device) -> dict[str, torch.Tensor]:
-    """A new adapter, as the official code initialises it: N(0, 1) prompts, zero gates (fp32)."""
+# Read only by adapter_kv, once per request: kept in fp32.  Everything else meets activations in the model dtype.
+_FP32_ADAPTER_NAMES = ("adapter_query.weight", ".attention.gate", ".attention.new_gate")
+
+
+def adapter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name.endswith(_FP32_ADAPTER_NAMES) else dtype
+
+
+def fresh_adapter_state(model: Transformer, device: torch.device, dtype: torch.dtype, skip: set[str]) -> dict[str, Tensor]:
+    """A new adapter, as the official code initialises it: N(0, 1) prompts, zero gates and biases,
+    new_gate 1, LoRA down-projections as nn.Linear and zero up-projections.  Names in ``skip``
+    (tuned norms, which start at the base model's) are left out."""
     state = {}
     for name, p in model.adapter_parameters().items():
-        init = torch.zeros if name.endswith(".gate") else torch.randn
-        state[name] = init(p.shape, dtype=torch.float32, device=device)
+        if name in skip:
+            continue
+        t = torch.empty(p.shape, dtype=adapter_dtype(name, dtype), device=device)
+        if name == "adapter_query.weight":
+            torch.nn.init.normal_(t)
+        elif name.endswith(".new_gate"):
+            torch.nn.init.ones_(t)
+        elif name.endswith("_l1.weight"):
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+        else:  # gates, biases, LoRA up-projections
+            torch.nn.init.zeros_(t)
+        state[name] = t
     return state
+
+
+def build_visual(cfg: VisualConfig, query_len: int, dim: int, clip: ClipSpec | None, fresh: bool) -> VisualEncoder:
+    """CLIP from open_clip plus the visual adapter; the adapter's parameters are on the meta device unless ``fresh``."""
+    tower, preprocess = build_clip(clip or ClipSpec.of(cfg))
+    if fresh:
+        return VisualEncoder(tower, preprocess, cfg, query_len, dim)
+    with torch.device("meta"):  # the adapter's weights come from the file; CLIP (built above) stays as it is
+        return VisualEncoder(tower, preprocess, cfg, query_len, dim)
 
 
 def load(
@@ -84,6 +116,7 @@ def load(
     max_seq_len: int | None = None,
     quantize: str | None = None,
     compile: bool = False,
+    clip: ClipSpec | None = None,
 ) -> Pipeline:
     """Load a LLaMA base model and (optionally) an adapter, ready to stream.
 
@@ -93,6 +126,9 @@ def load(
     ``quantize="int8"``: weight-only int8 for the transformer's matrices (serving only).
     ``compile=True``: decode with a ``torch.compile``d static-shape step (CUDA graphs on GPU);
     the first request pays the compilation.
+    ``clip``: for multimodal adapters, where CLIP comes from (see ``ClipSpec``).  By default it
+    is the CLIP the adapter names (``ViT-L-14`` / ``openai`` for the official V2 models), fetched
+    by open_clip into the Hugging Face cache; CLIP weights are never stored in adapter files.
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
@@ -112,29 +148,59 @@ def load(
         adapter_file = read_adapter(path)
         adapter_cfg, adapter_source = adapter_file.config, f"adapter {path}"
 
+    visual: VisualEncoder | None = None
+    if adapter_cfg is not None and adapter_cfg.visual is not None:
+        visual = build_visual(adapter_cfg.visual, adapter_cfg.adapter_len, args.dim, clip, fresh=adapter_file is None)
+    elif clip is not None:
+        raise ValueError("clip= is only for multimodal adapters, and this adapter has no visual part")
+
     with torch.device("meta"):
         model = Transformer(args, adapter_cfg)
     expected = shapes(model.state_dict().items())
-    adapter_names = set(model.adapter_parameters())
+    base_names = model.base_parameter_names()
 
     # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
     # so the full-precision model never sits on the device.
     cpu = torch.device("cpu")
     state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
-    check_state({k: v for k, v in expected.items() if k not in adapter_names}, state, f"base checkpoint {base_dir}")
+    check_state({k: expected[k] for k in base_names}, state, f"base checkpoint {base_dir}")
     if quantize:
         names = quantized_linear_names(model)
         state = quantize_state(state.items(), names, dtype, device)
         swap_to_int8(model, names, dtype)
+    visual_state: dict[str, Tensor] = {}
     if adapter_file is not None:
         adapter_state = fit_adapter(adapter_file, args, adapter_source or "")
-        check_state({k: expected[k] for k in adapter_names}, adapter_state, adapter_source or "")
-        state.update({k: v.to(device=device, dtype=torch.float32) for k, v in adapter_state.items()})
+        check_adapter_state(adapter_state, model, visual, adapter_source or "")
+        for k, v in adapter_state.items():
+            if k in expected:
+                state[k] = v.to(device=device, dtype=adapter_dtype(k, dtype))
+            else:
+                visual_state[k] = v.to(device=device, dtype=dtype)
     elif adapter_cfg is not None:
-        state.update(fresh_adapter_state(model, device))
+        state.update(fresh_adapter_state(model, device, dtype, skip=base_names))
 
     model.load_state_dict(state, assign=True)
     model.init_rope(device)
     model.eval().requires_grad_(False)
+    if visual is not None:
+        if adapter_file is not None:
+            clip_state = {f"clip.{k}": v for k, v in visual.clip.state_dict().items()}
+            visual.load_state_dict(clip_state | visual_state, assign=True)
+        visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
     label = str(adapter) if adapter is not None and not isinstance(adapter, AdapterConfig) else None
-    return Pipeline(model, tokenizer, base=str(base), adapter=label, compile=compile)
+    return Pipeline(model, tokenizer, base=str(base), adapter=label, visual=visual, compile=compile)
+
+
+def check_adapter_state(tensors: dict[str, Tensor], model: Transformer, visual: VisualEncoder | None, source: str) -> None:
+    """Every key in an adapter file must belong to the model; every adapter parameter must be there.
+
+    Only two kinds of keys may be absent: base weights (the base checkpoint has them) and CLIP's
+    (open_clip has them).  A file may still carry either, e.g. tuned norms or a CLIP copy.
+    """
+    expected = shapes(model.state_dict().items())
+    required = set(model.adapter_parameters())
+    if visual is not None:
+        expected |= shapes(visual.state_dict().items())
+        required |= set(visual.adapter_parameters())
+    check_state(expected, tensors, source, optional=set(expected) - required)

@@ -8,12 +8,16 @@ where ``Kp, Vp = P Wk, P Wv`` come from that layer's adaption prompt ``P`` (no R
 mask) and ``gate`` is a per-head parameter initialised to zero.  ``g`` is tanh or identity.
 The gate is folded into ``Vp`` once per request (``Transformer.adapter_kv``), so a decode
 step costs one extra small SDPA call per adapted layer and no matmul over the prompt.
+
+The official V2 extras (``AdapterConfig.bias``, ``lora_rank``) change the projections of every
+layer; they exist only when switched on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -99,27 +103,63 @@ class CacheStep:
     index: Tensor | None = None
 
 
+def _add_low_rank(down: nn.Linear, up: nn.Linear, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    return output + up(down(inputs[0]))
+
+
+def add_lora(parent: nn.Module, names: Sequence[str], rank: int) -> None:
+    """Official V2 LoRA on ``parent.<name>``: ``name(x) + lora_<name>_l2(lora_<name>_l1(x))``, no scaling, l2 zero.
+
+    The low-rank path rides on a forward hook of the base projection: the plain model's code
+    has no LoRA branch at all, and the keys keep the official sibling names (``lora_wq_l1``).
+    """
+    for name in names:
+        base: nn.Linear = getattr(parent, name)
+        down = nn.Linear(base.in_features, rank, bias=False)
+        up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(up.weight)
+        parent.add_module(f"lora_{name}_l1", down)
+        parent.add_module(f"lora_{name}_l2", up)
+        base.register_forward_hook(partial(_add_low_rank, down, up))
+
+
+def _zero_biases(*layers: nn.Linear) -> None:
+    for layer in layers:
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)  # bias tuning starts at the base model
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        bias = extras is not None and extras.bias
+        lora_rank = extras.lora_rank if extras is not None else 0
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
+        _zero_biases(self.wq, self.wo)
         self.gate: nn.Parameter | None = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if adapted else None
+        # Official V2 ties new_gate (a scalar on the adapter branch, initialised to 1) to LoRA.
+        self.new_gate: nn.Parameter | None = nn.Parameter(torch.ones(1, 1, 1, 1)) if adapted and lora_rank else None
+        if lora_rank:
+            add_lora(self, ("wq", "wk", "wv", "wo"), lora_rank)
 
     def adapter_kv(self, prompt: Tensor, activation: str) -> AdapterKV:
         """Kp and g(gate)*Vp, each [B|1, n_heads, L, hd], from the adaption prompt [B|1, L, D]."""
         assert self.gate is not None
         b, length, _ = prompt.shape
-        k = self.wk(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # .forward, not a call: it skips the LoRA hooks, as the official code applies no LoRA to the prompt.
+        k = self.wk.forward(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv.forward(prompt).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         gate = self.gate.tanh() if activation == "tanh" else self.gate
+        if self.new_gate is not None:
+            gate = gate * self.new_gate
         return k, v * gate.to(v.dtype)
 
     def forward(
@@ -154,21 +194,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, lora_rank: int = 0) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+        _zero_biases(self.w1, self.w2, self.w3)
+        if lora_rank:
+            add_lora(self, ("w1", "w2", "w3"), lora_rank)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
-        self.attention = Attention(args, layer_id, adapted)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention = Attention(args, layer_id, adapted, extras)
+        bias, lora_rank = (extras.bias, extras.lora_rank) if extras is not None else (False, 0)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, bias, lora_rank)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -186,7 +230,7 @@ class Transformer(nn.Module):
             raise ValueError(f"adapter_layer {adapter.adapter_layer if adapter else 0} exceeds the model's {args.n_layers} layers")
         self.first_adapted_layer = first
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i, adapted=adapter is not None and i >= first) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, adapter is not None and i >= first, adapter) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if adapter is not None:
@@ -201,8 +245,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The adapter's own parameters by state-dict name (prompts and gates)."""
-        return {n: p for n, p in self.named_parameters() if n == "adapter_query.weight" or n.endswith(".attention.gate")}
+        """The adapter's parameters by state-dict name: prompts and gates, plus the V2 extras that are on
+        (biases, LoRA and new_gate, and the norm weights when norms are tuned)."""
+        if self.adapter is None:
+            return {}
+        tuned_norms = self.adapter.norm
+        return {n: p for n, p in self.named_parameters() if _is_adapter_parameter(n, tuned_norms)}
 
     def adapter_kv(self, visual_prompt: Tensor | None = None) -> list[AdapterKV | None]:
         """Per layer (None below the adapted layers): Kp and gated Vp for the whole request.
@@ -218,6 +266,10 @@ class Transformer(nn.Module):
             prompt = prompts[j] if visual_prompt is None else prompts[j] + visual_prompt
             out.append(layer.attention.adapter_kv(prompt.to(dtype), self.adapter.gate_activation))
         return out
+
+    def base_parameter_names(self) -> set[str]:
+        """The names a base LLaMA checkpoint provides: all but prompts, gates, biases and LoRA (norms included)."""
+        return {n for n in self.state_dict() if not _is_adapter_parameter(n, tuned_norms=False)}
 
     def forward(self, tokens: Tensor, visual_prompt: Tensor | None = None) -> Tensor:
         """Full causal forward with no cache: float32 logits [B, T, V]."""
@@ -241,22 +293,44 @@ class Transformer(nn.Module):
     def training_hidden(self, tokens: Tensor, visual_prompt: Tensor | None = None, checkpoint: bool = False) -> Tensor:
         """Final-norm hidden states [B, T, D] for training the adapter; ``self.output`` of them gives the logits.
 
-        The frozen layers below the adapter run under no_grad, so none of their activations
-        are kept for backward.  With ``checkpoint`` the adapted layers recompute theirs in
-        backward instead of storing them (for long sequences).
+        Leading layers with nothing to train (all of them below the adapter, unless V2 bias or
+        norm tuning is on) run under no_grad, so none of their activations are kept for
+        backward.  With ``checkpoint`` the other layers recompute theirs in backward instead of
+        storing them (for long sequences).
         """
         t = tokens.shape[1]
         if t > self.args.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
-        with torch.no_grad():
+        frozen = self._frozen_prefix()
+        adapter = self.adapter_kv(visual_prompt)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen < 0):
             h = self.tok_embeddings(tokens)
-            for layer in self.layers[: self.first_adapted_layer]:
-                h = layer(h, cos, sin, None, None)
-        adapter = self.adapter_kv(visual_prompt)[self.first_adapted_layer :]
-        for layer, layer_adapter in zip(self.layers[self.first_adapted_layer :], adapter, strict=True):
-            if checkpoint:
+        for i, (layer, layer_adapter) in enumerate(zip(self.layers, adapter, strict=True)):
+            if i < frozen:
+                with torch.no_grad():
+                    h = layer(h, cos, sin, layer_adapter, None)
+            elif checkpoint:
                 h = recompute_in_backward(layer, h, cos, sin, layer_adapter, None, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, layer_adapter, None)
         return self.norm(h)
+
+    def _frozen_prefix(self) -> int:
+        """How many leading layers have no trainable parameter (-1: the embeddings train)."""
+        if self.tok_embeddings.weight.requires_grad:
+            return -1
+        for i, layer in enumerate(self.layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.layers)
+
+
+def _is_norm(name: str) -> bool:
+    return name == "norm.weight" or name.endswith(("attention_norm.weight", "ffn_norm.weight"))
+
+
+def _is_adapter_parameter(name: str, tuned_norms: bool) -> bool:
+    if name == "adapter_query.weight" or name.endswith((".attention.gate", ".attention.new_gate", ".bias")):
+        return True
+    return ".lora_" in name or (tuned_norms and _is_norm(name))

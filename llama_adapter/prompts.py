@@ -1,4 +1,4 @@
-"""Prompt templates: the Alpaca templates of the official LLaMA-Adapter repository, word for word."""
+"""Prompt templates: the Alpaca templates and caption instruction of the official LLaMA-Adapter repository, word for word."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
+# The instruction of the official V2 caption training data (no trailing period).
+CAPTION_INSTRUCTION = "Generate caption of this image"
 
 
 def format_prompt(instruction: str, input: str | None = None) -> str:
@@ -19,3 +21,8 @@ def format_prompt(instruction: str, input: str | None = None) -> str:
     if input:
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def caption_prompt() -> str:
+    """The prompt the official V2 models were trained to caption images with."""
+    return format_prompt(CAPTION_INSTRUCTION)

@@ -17,17 +17,23 @@ QUANTIZE_MODES = ("int8",)
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str | None = None, bias: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        # A tuned V2 bias stays in full precision, as a parameter like any adapter weight.
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features)
-            return torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -55,9 +61,11 @@ def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        if old.bias is not None:
-            raise ValueError(f"{name} has a bias; int8 serving quantizes bias-free projections only")
-        setattr(parent, child, Int8Linear(old.in_features, old.out_features, dtype, old.weight.device))
+        new = Int8Linear(old.in_features, old.out_features, dtype, old.weight.device, bias=old.bias is not None)
+        # V2 LoRA rides on forward hooks of the base projection: they must follow it.
+        for hook in old._forward_hooks.values():
+            new.register_forward_hook(hook)
+        setattr(parent, child, new)
 
 
 def quantize_state(state: Iterable[tuple[str, Tensor]], names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:

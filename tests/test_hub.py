@@ -138,3 +138,35 @@ def test_release_download_network_error_is_explained(file_server, tmp_path: Path
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ResolveError, match="could not download .*missing.pth.*local path"):
         hub.download(Release(f"{url}/missing.pth", None))
+
+
+V2_NAMES = ["BIAS-7B", "LORA-BIAS-7B", "CAPTION-7B", "LORA-BIAS-7B-v21"]
+
+
+@pytest.mark.parametrize("name", V2_NAMES)
+def test_v2_names_resolve_to_their_releases_with_the_sha256_their_names_carry(name: str) -> None:
+    release = hub.OFFICIAL_ADAPTERS[name]
+    assert release.url.startswith("https://github.com/OpenGVLab/LLaMA-Adapter/releases/download/v.2.")
+    digest, file_name = release.filename.split("_", 1)
+    assert file_name == f"{name}.pth" and release.sha256 == digest and len(digest) == 64
+
+
+def test_v2_name_offline_says_which_file(hf_cache: Path) -> None:
+    with pytest.raises(ResolveError, match="5088aeb63a89.*_CAPTION-7B.pth is not in the local cache"):
+        hub.resolve_adapter("CAPTION-7B")
+
+
+def test_sha256_named_release_is_verified_on_download(file_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, root = file_server
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    payload = b"v2 weights" * 100
+    good = f"{hashlib.sha256(payload).hexdigest()}_TINY-7B.pth"
+    (root / good).write_bytes(payload)
+    assert hub.download(hub.sha256_named_release(f"{url}/{good}")).read_bytes() == payload
+    bad = f"{'1' * 64}_TINY-7B.pth"
+    (root / bad).write_bytes(payload)
+    with pytest.raises(ResolveError, match="does not match the published"):
+        hub.download(hub.sha256_named_release(f"{url}/{bad}"))
+    with pytest.raises(ValueError, match="does not start with a sha256"):
+        hub.sha256_named_release(f"{url}/BIAS-7B.pth")

@@ -1,0 +1,228 @@
+"""Images -> visual prompt: CLIP (open_clip) tokens, then the official V2 visual adapter.
+
+    CLIP ViT: all tokens after ln_post and proj           [B, 1+patches, clip_dim]
+    clip_proj + clip_proj_norm                             [B, 1+patches, embed_dim]
+    [visual_query ; tokens] -> visual_blocks (timm ViT)    [B, query_len+1+patches, embed_dim]
+    first query_len tokens -> visual_proj + visual_proj_norm -> [B, query_len, D]
+
+The result is added to the adaption prompt of every adapted layer (``Transformer.adapter_kv``).
+Module and parameter names are the official ones, so V2 checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from .config import VisualConfig
+from .hub import ResolveError
+
+# open_clip and timm take seconds to import; they are imported where used, so text-only use never pays.
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An image could not be read or understood; the message says which and what to do."""
+
+
+# ---------------------------------------------------------------- reading images
+
+_SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright RGB: EXIF orientation applied, any mode (L, P, RGBA, CMYK, 16-bit...) converted to RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT:
+        # convert("RGB") would clip 16-bit grey values at 255 (a white image); scale them to 8 bits first.
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    return img.convert("RGB")
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a file path, a PIL image or a numpy array (uint8, RGB order, H x W [x 3|4])."""
+    if isinstance(image, np.ndarray):
+        return to_rgb(_from_array(image))
+    if isinstance(image, Image.Image):
+        return _decode(image, "the image")
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        try:
+            opened = Image.open(path)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for files it cannot parse
+            raise ImageError(f"{path} is not an image PIL can read ({e}); use a JPEG, PNG, WebP, GIF or BMP file") from None
+        with opened:
+            return _decode(opened, str(path))
+    raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy RGB array")
+
+
+def _decode(img: Image.Image, what: str) -> Image.Image:
+    try:
+        img.load()  # PIL opens lazily: truncated or corrupt pixel data only fails here
+        rgb = to_rgb(img)
+    except Exception as e:  # decoders raise OSError, ValueError, struct.error, DecompressionBombError...
+        raise ImageError(f"{what} is corrupt or unsupported ({type(e).__name__}: {e}); re-save it as JPEG or PNG") from None
+    if rgb.width == 0 or rgb.height == 0:
+        raise ImageError(f"{what} is empty ({rgb.width}x{rgb.height} pixels)")
+    return rgb
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 (convert with .astype(np.uint8))")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageError(f"image array has shape {array.shape}; expected (H, W), (H, W, 3) RGB or (H, W, 4) RGBA")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"image array is empty: shape {array.shape}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+class ImageTransform:
+    """CLIP's inference preprocessing (open_clip's own transform) after :func:`load_image`.
+
+    For the OpenAI models: resize the short side to 224 (bicubic), center crop 224, CLIP mean/std.
+    Converting to RGB comes first, so P, CMYK and RGBA images are resized as the colours they show.
+    """
+
+    def __init__(self, preprocess_cfg: Mapping[str, Any]) -> None:
+        import open_clip
+
+        cfg = dict(preprocess_cfg)
+        self.cfg = cfg
+        self.transform = open_clip.image_transform(
+            cfg["size"],
+            is_train=False,
+            mean=cfg.get("mean"),
+            std=cfg.get("std"),
+            resize_mode=cfg.get("resize_mode"),
+            interpolation=cfg.get("interpolation"),
+            fill_color=cfg.get("fill_color", 0),
+        )
+
+    def __call__(self, image: ImageInput) -> Tensor:
+        """Pixels [3, H, W] (float32, normalised)."""
+        return self.transform(load_image(image))
+
+
+# ---------------------------------------------------------------- CLIP from open_clip
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Where the CLIP vision tower comes from; every route goes through open_clip.
+
+    - ``model`` + ``pretrained``: an open_clip model name and pretrained tag (default ``ViT-L-14`` /
+      ``openai``, the CLIP of the official V2 models), downloaded once into the Hugging Face cache;
+      ``pretrained`` may also be a local weights file. ``model`` may be ``hf-hub:org/repo`` or
+      ``local-dir:/path`` (open_clip schemas; ``pretrained`` is then ignored).
+    - ``config``: a whole open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, as in
+      ``open_clip_config.json``'s ``model_cfg``), built with random weights: for tests and tiny demos
+      that must not download. ``model`` then only names it in saved metadata.
+    """
+
+    model: str = "ViT-L-14"
+    pretrained: str | None = "openai"
+    config: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, visual: VisualConfig) -> ClipSpec:
+        return cls(visual.clip_model, visual.clip_pretrained)
+
+
+def build_clip(spec: ClipSpec) -> tuple[VisionTransformer, dict[str, Any]]:
+    """The CLIP vision tower (fp32, CPU, eval) and its preprocessing config."""
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    if spec.config is not None:
+        model = open_clip.CLIP(**spec.config)
+        preprocess: dict[str, Any] = {"size": model.visual.image_size}  # open_clip's defaults: OpenAI mean/std, bicubic
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) if spec.pretrained else {}
+        try:
+            # open_clip only warns when a QuickGELU checkpoint (the OpenAI ones) lands in a GELU model: force it.
+            model = open_clip.create_model(spec.model, pretrained=spec.pretrained, force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+        except Exception as e:  # network, cache, unknown names: open_clip wraps them all in RuntimeError or OSError
+            raise ResolveError(
+                f"could not get CLIP {spec.model!r} (pretrained {spec.pretrained!r}) from open_clip: {e}. Its weights come "
+                "from the Hugging Face Hub into the local cache: check the network (or HF_HUB_OFFLINE), or pass "
+                "clip=ClipSpec(model, pretrained='/path/to/weights') with a local file."
+            ) from None
+        preprocess = dict(open_clip.get_model_preprocess_cfg(model))
+    tower = model.visual
+    if not isinstance(tower, VisionTransformer) or tower.proj is None or tower.attn_pool is not None:
+        raise ValueError(f"CLIP {spec.model!r}: only open_clip ViT towers with a final projection are supported")
+    return tower.eval(), preprocess
+
+
+# ---------------------------------------------------------------- the visual adapter
+
+
+class VisualEncoder(nn.Module):
+    """CLIP (frozen, ``clip.*``) plus the official V2 visual adapter (the other, trainable parameters)."""
+
+    def __init__(self, clip: VisionTransformer, preprocess_cfg: Mapping[str, Any], cfg: VisualConfig, query_len: int, dim: int) -> None:
+        from timm.models.vision_transformer import Block
+
+        super().__init__()
+        clip_dim = clip.proj.shape[1]
+        if clip_dim != cfg.clip_dim:
+            raise ValueError(f"the visual adapter expects CLIP tokens of width {cfg.clip_dim}, but this CLIP gives {clip_dim}")
+        self.cfg, self.query_len = cfg, query_len
+        self.transform = ImageTransform(preprocess_cfg)
+        self.clip = clip
+        self.clip_proj = nn.Linear(clip_dim, cfg.embed_dim)
+        self.clip_proj_norm = nn.LayerNorm(cfg.embed_dim)
+        self.visual_query = nn.Embedding(query_len, cfg.embed_dim)
+        # nn.LayerNorm (eps 1e-5) as in the timm the official code was written for; timm 1.x defaults to eps 1e-6.
+        self.visual_blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(cfg.depth)
+        )
+        self.visual_proj = nn.Linear(cfg.embed_dim, dim)
+        self.visual_proj_norm = nn.LayerNorm(dim)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The visual adapter's parameters by name (everything but CLIP)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("clip.")}
+
+    def clip_tokens(self, pixels: Tensor) -> Tensor:
+        """All CLIP tokens (class token first) after ``ln_post`` and ``proj``: [B, 1+patches, clip_dim]."""
+        v = self.clip
+        x = v.conv1(pixels).flatten(2).transpose(1, 2)  # [B, patches, width]
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+        return v.ln_post(v.transformer(x)) @ v.proj
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Visual prompt [B, query_len, D] from normalised pixels [B, 3, H, W]."""
+        tokens = self.clip_proj_norm(self.clip_proj(self.clip_tokens(pixels)))
+        query = self.visual_query.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([query, tokens], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        return self.visual_proj_norm(self.visual_proj(x[:, : self.query_len]))
+
+    def pixels(self, images: Sequence[ImageInput]) -> Tensor:
+        """Preprocessed images as one batch on this encoder's device and dtype."""
+        weight = self.clip_proj.weight
+        return torch.stack([self.transform(image) for image in images]).to(device=weight.device, dtype=weight.dtype)
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[ImageInput]) -> Tensor:
+        """Visual prompts [len(images), query_len, D]."""
+        return self(self.pixels(images))

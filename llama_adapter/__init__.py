@@ -4,11 +4,12 @@ from .checkpoint import CheckpointError, read_adapter, save_adapter
 from .config import AdapterConfig, ModelArgs, VisualConfig
 from .generation import Pipeline, PromptTruncatedWarning, TextStream, sample
 from .hub import ResolveError
+from .images import ImageError
 from .loading import load
 from .model import Transformer
 from .prompts import caption_prompt, format_prompt
 from .tokenizer import Tokenizer
-from .visual import ClipSpec, ImageError
+from .visual import ClipSpec
 
 __all__ = [
     "AdapterConfig",

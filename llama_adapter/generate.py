@@ -14,8 +14,8 @@ from . import load
 from .checkpoint import CheckpointError
 from .generation import PromptTruncatedWarning
 from .hub import ResolveError
+from .images import ImageError
 from .prompts import caption_prompt, format_prompt
-from .visual import ImageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .images import ImageInput
 from .model import AdapterKV, CacheStep, KVCache, Transformer
 from .tokenizer import StreamDecoder, Tokenizer
-from .visual import ImageInput, VisualEncoder
+from .visual import VisualEncoder
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -78,13 +79,17 @@ class Request:
     truncated: int  # tokens dropped from the prompt's start
 
 
-def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: int) -> Request:
-    """Left-truncate a prompt (keeping BOS) so that a reply of some length still fits.
+def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    """How many prompt tokens fit: the reply keeps room for ``min(max_new_tokens, max_seq_len // 4)``."""
+    return max_seq_len - min(max_new_tokens, max_seq_len // 4)
 
-    The reply keeps room for ``min(max_new_tokens, max_seq_len // 4)`` tokens; generation
-    then ends at the context limit if it runs longer.
+
+def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: int) -> Request:
+    """Left-truncate a prompt (keeping BOS) to ``prompt_budget`` tokens, so that a reply still fits.
+
+    Generation then ends at the context limit if the reply runs longer.
     """
-    budget = max_seq_len - min(max_new_tokens, max_seq_len // 4)
+    budget = prompt_budget(max_seq_len, max_new_tokens)
     if len(ids) <= budget:
         return Request(ids, 0)
     keep_bos = bool(ids) and ids[0] == bos_id
@@ -338,6 +343,14 @@ class Pipeline:
         if self.visual is not None:
             tensors |= self.visual.adapter_parameters()
         return tensors
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """The most prompt tokens (BOS included) that ``stream`` keeps for this ``max_new_tokens``."""
+        return prompt_budget(self.max_seq_len, max_new_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        """Prompt length in tokens as ``stream`` sees it (BOS included)."""
+        return len(self.tokenizer.encode(text))
 
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for p in self.adapter_tensors().values())

@@ -13,7 +13,7 @@ from .checkpoint import check_state, fit_adapter, read_adapter, read_hf_checkpoi
 from .config import AdapterConfig, ModelArgs, VisualConfig
 from .generation import Pipeline
 from .model import Transformer
-from .quantize import QUANTIZE_MODES, quantize_state, quantized_linear_names, swap_to_int8
+from .quantize import QUANTIZE_MODES, Int8Linear, quantize_state, quantized_linear_names, swap_to_int8
 from .tokenizer import Tokenizer
 from .visual import ClipSpec, VisualEncoder, build_clip
 
@@ -108,7 +108,7 @@ def build_visual(cfg: VisualConfig, query_len: int, dim: int, clip: ClipSpec | N
 
 
 def load(
-    base: str | Path,
+    base: str | Path | Pipeline,
     adapter: str | Path | AdapterConfig | None = None,
     *,
     device: str | torch.device | None = None,
@@ -120,7 +120,9 @@ def load(
 ) -> Pipeline:
     """Load a LLaMA base model and (optionally) an adapter, ready to stream.
 
-    ``base``: a Meta or Hugging Face checkpoint directory, or a Hub repo id (``owner/name[@rev]``).
+    ``base``: a Meta or Hugging Face checkpoint directory, or a Hub repo id (``owner/name[@rev]``), or
+    an already loaded ``Pipeline`` whose base weights the new one shares (no second copy in memory;
+    its device, dtype, context length and quantization carry over).
     ``adapter``: an adapter file, an official release name, a Hub repo id or file, or an
     ``AdapterConfig`` for a fresh (zero-gated) adapter to train.
     ``quantize="int8"``: weight-only int8 for the transformer's matrices (serving only).
@@ -132,11 +134,16 @@ def load(
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
-    base_dir = hub.resolve_base(base)
-    tokenizer = Tokenizer(find_tokenizer(base_dir))
-    args = read_model_args(base_dir, tokenizer.n_words, max_seq_len)
+    shared = base if isinstance(base, Pipeline) else None
+    if shared is not None:
+        _check_shared(shared, device, dtype, max_seq_len, quantize)
+        device, dtype, tokenizer, args = shared.device, shared.dtype, shared.tokenizer, shared.model.args
+    else:
+        device = torch.device(device) if device is not None else default_device()
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+        base_dir = hub.resolve_base(base)
+        tokenizer = Tokenizer(find_tokenizer(base_dir))
+        args = read_model_args(base_dir, tokenizer.n_words, max_seq_len)
 
     adapter_cfg: AdapterConfig | None = None
     adapter_file = None
@@ -159,15 +166,20 @@ def load(
     expected = shapes(model.state_dict().items())
     base_names = model.base_parameter_names()
 
-    # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
-    # so the full-precision model never sits on the device.
-    cpu = torch.device("cpu")
-    state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
-    check_state({k: expected[k] for k in base_names}, state, f"base checkpoint {base_dir}")
-    if quantize:
-        names = quantized_linear_names(model)
-        state = quantize_state(state.items(), names, dtype, device)
-        swap_to_int8(model, names, dtype)
+    if shared is not None:
+        swap_to_int8(model, [n for n, m in shared.model.named_modules() if isinstance(m, Int8Linear)], dtype)
+        own = shared.model.state_dict()
+        state = {k: own[k] for k in model.base_parameter_names()}  # the very same tensors
+    else:
+        # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
+        # so the full-precision model never sits on the device.
+        cpu = torch.device("cpu")
+        state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
+        check_state({k: expected[k] for k in base_names}, state, f"base checkpoint {base_dir}")
+        if quantize:
+            names = quantized_linear_names(model)
+            state = quantize_state(state.items(), names, dtype, device)
+            swap_to_int8(model, names, dtype)
     visual_state: dict[str, Tensor] = {}
     if adapter_file is not None:
         adapter_state = fit_adapter(adapter_file, args, adapter_source or "")
@@ -189,7 +201,20 @@ def load(
             visual.load_state_dict(clip_state | visual_state, assign=True)
         visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
     label = str(adapter) if adapter is not None and not isinstance(adapter, AdapterConfig) else None
-    return Pipeline(model, tokenizer, base=str(base), adapter=label, visual=visual, compile=compile)
+    base_label = shared.base if shared is not None else str(base)
+    return Pipeline(model, tokenizer, base=base_label, adapter=label, visual=visual, compile=compile)
+
+
+def _check_shared(
+    shared: Pipeline, device: str | torch.device | None, dtype: str | torch.dtype | None, max_seq_len: int | None, quantize: str | None
+) -> None:
+    """A shared base comes as it was loaded; asking for it otherwise is a mistake worth saying."""
+    if device is not None and torch.device(device).type != shared.device.type:
+        raise ValueError(f"the shared base is on {shared.device}; it cannot be moved to {device} (load the base again instead)")
+    if dtype is not None and parse_dtype(dtype) != shared.dtype:
+        raise ValueError(f"the shared base is {shared.dtype}; it cannot be converted to {dtype} (load the base again instead)")
+    if max_seq_len is not None or quantize is not None:
+        raise ValueError("a shared base keeps its max_seq_len and quantization; pass neither")
 
 
 def check_adapter_state(tensors: dict[str, Tensor], model: Transformer, visual: VisualEncoder | None, source: str) -> None:

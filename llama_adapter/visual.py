@@ -11,85 +11,20 @@ Module and parameter names are the official ones, so V2 checkpoints load by name
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from .config import VisualConfig
 from .hub import ResolveError
+from .images import ImageInput, load_image
 
 # open_clip and timm take seconds to import; they are imported where used, so text-only use never pays.
 if TYPE_CHECKING:
     from open_clip.transformer import VisionTransformer
-
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
-
-
-class ImageError(ValueError):
-    """An image could not be read or understood; the message says which and what to do."""
-
-
-# ---------------------------------------------------------------- reading images
-
-_SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Upright RGB: EXIF orientation applied, any mode (L, P, RGBA, CMYK, 16-bit...) converted to RGB."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in _SIXTEEN_BIT:
-        # convert("RGB") would clip 16-bit grey values at 255 (a white image); scale them to 8 bits first.
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    return img.convert("RGB")
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a file path, a PIL image or a numpy array (uint8, RGB order, H x W [x 3|4])."""
-    if isinstance(image, np.ndarray):
-        return to_rgb(_from_array(image))
-    if isinstance(image, Image.Image):
-        return _decode(image, "the image")
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        try:
-            opened = Image.open(path)
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for files it cannot parse
-            raise ImageError(f"{path} is not an image PIL can read ({e}); use a JPEG, PNG, WebP, GIF or BMP file") from None
-        with opened:
-            return _decode(opened, str(path))
-    raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy RGB array")
-
-
-def _decode(img: Image.Image, what: str) -> Image.Image:
-    try:
-        img.load()  # PIL opens lazily: truncated or corrupt pixel data only fails here
-        rgb = to_rgb(img)
-    except Exception as e:  # decoders raise OSError, ValueError, struct.error, DecompressionBombError...
-        raise ImageError(f"{what} is corrupt or unsupported ({type(e).__name__}: {e}); re-save it as JPEG or PNG") from None
-    if rgb.width == 0 or rgb.height == 0:
-        raise ImageError(f"{what} is empty ({rgb.width}x{rgb.height} pixels)")
-    return rgb
-
-
-def _from_array(array: np.ndarray) -> Image.Image:
-    if array.dtype != np.uint8:
-        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 (convert with .astype(np.uint8))")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ImageError(f"image array has shape {array.shape}; expected (H, W), (H, W, 3) RGB or (H, W, 4) RGBA")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(f"image array is empty: shape {array.shape}")
-    return Image.fromarray(np.ascontiguousarray(array))
 
 
 class ImageTransform:

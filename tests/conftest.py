@@ -1,10 +1,18 @@
-"""Session fixtures: a sentencepiece tokenizer with LLaMA's ids, tiny HF and Meta checkpoints."""
+"""Session fixtures: a sentencepiece tokenizer with LLaMA's ids, tiny HF and Meta checkpoints, the running app."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -141,3 +149,66 @@ def pipe(hf_dir: Path):
     import llama_adapter
 
     return llama_adapter.load(hf_dir, device="cpu", dtype="fp32")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_IMAGE = ROOT / "assets" / "example-house.jpg"
+# The app's request log: one line when a generation starts, one when it ends (and why).
+STARTED = re.compile(r"chat #(\d+): started")
+FINISHED = re.compile(r"chat #(\d+): (\w+) after (\d+) tokens")
+
+
+class AppServer:
+    """``python app.py`` (``--tiny`` unless told otherwise) in a subprocess; its request log goes to a file the tests read."""
+
+    def __init__(self, root: Path, log_path: Path, args: Sequence[str] = ("--tiny",)) -> None:
+        self.log_path = log_path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ADAPTER_", "GRADIO_"))}
+        env |= {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "app.py", *args, "--port", str(self.port)], cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "config", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"app.py did not answer within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory):
+    """The real app, started once for all client and browser tests."""
+    server = AppServer(ROOT, tmp_path_factory.mktemp("app") / "app.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -175,3 +175,16 @@ def test_base_without_config_says_which_files(tmp_path: Path, tokenizer_path: Pa
 def test_unknown_dtype_is_refused(hf_dir: Path) -> None:
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         llama_adapter.load(hf_dir, device="cpu", dtype="int4")
+
+
+def test_second_pipeline_shares_the_loaded_base(tmp_path: Path, hf_dir: Path, pipe) -> None:
+    model = adapted_copy(pipe, "tanh", gate_scale=0.5)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
+    shared = llama_adapter.load(pipe, path)
+    assert shared.model.layers[1].feed_forward.w1.weight.data_ptr() == pipe.model.layers[1].feed_forward.w1.weight.data_ptr()
+    fresh = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
+    tokens = tokens_for(pipe, SAMPLE)
+    with torch.no_grad():
+        assert torch.allclose(shared.model(tokens), fresh.model(tokens), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot be converted to bf16"):
+        llama_adapter.load(pipe, path, dtype="bf16")

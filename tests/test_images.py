@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from llama_adapter import ClipSpec, ImageError
-from llama_adapter.visual import ImageTransform, build_clip, load_image
+from llama_adapter.images import load_image
+from llama_adapter.visual import ImageTransform, build_clip
 
 from .test_multimodal import picture, write_clip_dir
 
@@ -155,3 +156,14 @@ def test_bad_arrays_give_a_clear_error(array: np.ndarray, message: str) -> None:
 def test_other_types_are_refused() -> None:
     with pytest.raises(ImageError, match="unsupported image type Tensor"):
         load_image(torch.zeros(3, 8, 8))  # type: ignore[arg-type]
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (400, 300)).save(path)
+    with pytest.raises(ImageError, match=r"400x300 pixels, over the 0 megapixel limit"):
+        load_image(path, max_pixels=100_000)
+    with pytest.raises(ImageError, match="MB limit"):
+        load_image(path, max_bytes=100)
+    with pytest.raises(ImageError, match="megapixel limit"):
+        load_image(np.zeros((300, 400, 3), dtype=np.uint8), max_pixels=100_000)

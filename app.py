@@ -1,0 +1,444 @@
+"""LLaMA-Adapter web app: streaming chat and image captioning, locally or on Hugging Face Spaces.
+
+    python app.py --tiny                        # a tiny random model, offline, in seconds
+    python app.py                               # LLaMA-7B + LLaMA-Adapter-V1 (downloaded once)
+    python app.py --base DIR --adapter FILE     # local weights
+
+UI only: every model call goes through ``llama_adapter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import llama_adapter
+from llama_adapter import CheckpointError, Pipeline, PromptTruncatedWarning, ResolveError
+from llama_adapter.images import ImageError, load_image
+from llama_adapter.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
+from llama_adapter.tiny import load_tiny, load_tiny_captioner
+
+# The public LLaMA-7B (Hugging Face layout, safetensors) and the official instruction adapter.
+DEFAULT_BASE = "huggyllama/llama-7b"
+DEFAULT_ADAPTER = "LLaMA-Adapter-V1"
+DEFAULT_CAPTION_ADAPTER = "CAPTION-7B"  # the official V2 captioning model (CLIP ViT-L/14 through open_clip)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_GROUP = "model"  # the concurrency group of every event that runs the model: one generation at a time
+QUEUE_SIZE = 64
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+DEFAULTS = {"temperature": 0.1, "top_p": 0.75, "max_new_tokens": 256}
+CHAT_EXAMPLES = [
+    "Tell me about alpacas.",
+    "Write a short poem about the moon.",
+    "List three ideas for a rainy afternoon.",
+    "Explain what a transformer model is to a ten-year-old.",
+]
+CAPTION_EXAMPLES = sorted(ASSETS.glob("example-*.*"))
+NO_IMAGE_MODEL = (
+    "No image model is loaded, so images cannot be captioned. "
+    "Start the app with --caption-adapter (or LLAMA_ADAPTER_CAPTION_ADAPTER) naming a multimodal adapter."
+)
+
+log = logging.getLogger("llama_adapter.app")
+
+try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached only while a decorated function runs.
+    import spaces
+
+    gpu: Callable[[Callable[..., Any]], Callable[..., Any]] = spaces.GPU
+except ImportError:
+
+    def gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return fn
+
+
+# ---------------------------------------------------------------- configuration
+
+ENV_VARS = {
+    "base": "LLAMA_ADAPTER_BASE",
+    "adapter": "LLAMA_ADAPTER_ADAPTER",
+    "caption_adapter": "LLAMA_ADAPTER_CAPTION_ADAPTER",
+    "device": "LLAMA_ADAPTER_DEVICE",
+    "dtype": "LLAMA_ADAPTER_DTYPE",
+    "quantize": "LLAMA_ADAPTER_QUANTIZE",
+    "compile": "LLAMA_ADAPTER_COMPILE",
+    "tiny": "LLAMA_ADAPTER_TINY",
+}  # --host, --port and --share fall back to Gradio's own GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, GRADIO_SHARE
+
+
+@dataclass(frozen=True)
+class Settings:
+    base: str
+    adapter: str | None
+    caption_adapter: str | None
+    device: str | None
+    dtype: str | None
+    quantize: str | None
+    compile: bool
+    tiny: bool
+    host: str | None  # None: Gradio decides (its env vars, then 127.0.0.1:7860), as Spaces expects
+    port: int | None
+    share: bool | None
+
+
+def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    p = argparse.ArgumentParser(prog="python app.py", description="LLaMA-Adapter web app: streaming chat and image captioning.")
+    p.add_argument("--base", help=f"base LLaMA: directory or Hugging Face repo id (default {DEFAULT_BASE}) [{ENV_VARS['base']}]")
+    p.add_argument(
+        "--adapter",
+        help=f"chat adapter: file, official name or repo id; 'none' for the bare base (default {DEFAULT_ADAPTER}) [{ENV_VARS['adapter']}]",
+    )
+    p.add_argument(
+        "--caption-adapter",
+        help=f"multimodal adapter for the captioning tab; 'none' for no image model (default {DEFAULT_CAPTION_ADAPTER}) "
+        f"[{ENV_VARS['caption_adapter']}]",
+    )
+    p.add_argument("--device", help=f"cpu or cuda (default: cuda when available) [{ENV_VARS['device']}]")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"default: bf16 on GPU, fp32 on CPU [{ENV_VARS['dtype']}]")
+    p.add_argument("--quantize", choices=["int8"], help=f"weight-only int8 serving: 7B in about 8 GB [{ENV_VARS['quantize']}]")
+    p.add_argument(
+        "--compile", action="store_true", default=None, help=f"compile the decode step (CUDA graphs on GPU) [{ENV_VARS['compile']}=1]"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", default=None, help=f"a tiny random model, built offline, to try the UI [{ENV_VARS['tiny']}=1]"
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1) [GRADIO_SERVER_NAME]")
+    p.add_argument("--port", type=int, help="port (default 7860, or the next free one) [GRADIO_SERVER_PORT]")
+    p.add_argument("--share", action="store_true", default=None, help="also serve through a public gradio.live link [GRADIO_SHARE=True]")
+    a = p.parse_args(argv)
+
+    def pick(name: str) -> str | None:
+        value = getattr(a, name)
+        return value if value is not None else env.get(ENV_VARS[name]) or None
+
+    def flag(name: str) -> bool:
+        return bool(getattr(a, name)) or env.get(ENV_VARS[name], "").lower() in {"1", "true", "yes", "on"}
+
+    def optional(value: str) -> str | None:
+        return None if value.lower() == "none" else value
+
+    adapter = pick("adapter") or DEFAULT_ADAPTER
+    caption_adapter = pick("caption_adapter") or DEFAULT_CAPTION_ADAPTER
+    dtype = pick("dtype")
+    if dtype is not None and dtype not in ("fp32", "bf16", "fp16"):
+        p.error(f"{ENV_VARS['dtype']}={dtype!r}: use fp32, bf16 or fp16")
+    quantize = pick("quantize")
+    if quantize is not None and quantize != "int8":
+        p.error(f"{ENV_VARS['quantize']}={quantize!r}: the one mode is int8")
+    return Settings(
+        base=pick("base") or DEFAULT_BASE,
+        adapter=optional(adapter),
+        caption_adapter=optional(caption_adapter),
+        device=pick("device"),
+        dtype=dtype,
+        quantize=quantize,
+        compile=flag("compile"),
+        tiny=flag("tiny"),
+        host=a.host,
+        port=a.port,
+        share=a.share,
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    chat: Pipeline
+    caption: Pipeline | None  # None: no image model, and the captioning tab says so
+    tiny: bool
+
+
+def load_models(s: Settings) -> Models:
+    if s.tiny:
+        print("Building the tiny random model (random weights, for trying the interface)...", flush=True)
+        chat = load_tiny(s.device or "cpu", s.dtype)
+        return Models(chat, load_tiny_captioner(chat), tiny=True)
+    print(f"Loading {s.base} with adapter {s.adapter or 'none'} (downloads are cached after the first run)...", flush=True)
+    chat = llama_adapter.load(s.base, s.adapter, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
+    caption = None
+    if s.caption_adapter:
+        print(f"Loading the image model: {s.caption_adapter} on the same base...", flush=True)
+        caption = llama_adapter.load(chat, s.caption_adapter)  # shares the base weights: no second copy
+    return Models(chat, caption, tiny=False)
+
+
+def startup_error(err: Exception) -> str:
+    return (
+        f"error: the model could not be loaded.\n{err}\n\n"
+        "To try the app without any download:    python app.py --tiny\n"
+        "To use weights already on this machine:  python app.py --base /path/to/llama-7b --adapter /path/to/adapter.pth"
+    )
+
+
+# ---------------------------------------------------------------- generation glue
+
+
+def user_error(message: str) -> gr.Error:
+    """A message for the user; bad input is expected, so no traceback in the server log either."""
+    return gr.Error(message, print_exception=False)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of a Gradio message, whose content is a string or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def chat_turns(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs; a user message with no reply (e.g. stopped at once) pairs with ''."""
+    turns: list[tuple[str, str]] = []
+    for m in history:
+        if m.get("role") == "user":
+            turns.append((message_text(m), ""))
+        elif m.get("role") == "assistant" and turns and not turns[-1][1]:
+            turns[-1] = (turns[-1][0], message_text(m))
+    return turns
+
+
+_request_ids = itertools.count(1)
+
+
+def stream_text(
+    pipe: Pipeline, prompt: str, kind: str, temperature: float, top_p: float, max_new_tokens: int, image: Any = None
+) -> Iterator[str]:
+    """The growing reply.  However the loop ends (done, Stop, a client cancel), the model's stream is
+    closed, which stops the computation, and one log line records why it ended and after how many tokens."""
+    rid = next(_request_ids)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncatedWarning)  # said to the user below, in our words
+            stream = pipe.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, image=image)
+    except ValueError as e:
+        raise user_error(str(e)) from None
+    if stream.truncated_tokens:
+        gr.Warning(
+            f"Your message is too long for the model's {pipe.max_seq_len}-token context, so its first "
+            f"{stream.truncated_tokens} tokens were dropped. Shorten it for a complete answer."
+        )
+    log.info("%s #%d: started, prompt %d tokens", kind, rid, len(stream.prompt_ids))
+    start, text, reason = time.monotonic(), "", "cancelled"  # unless the loop runs to its end
+    try:
+        for delta in stream:
+            text += delta
+            yield text
+        reason = stream.finish_reason or "done"
+    except Exception:  # a bug, not bad input: keep the details in the server log, tell the user plainly
+        reason = "failed"
+        log.exception("%s #%d: failed", kind, rid)
+        raise user_error("Generation failed on the server (the details are in its log). Try again or change the settings.") from None
+    finally:
+        stream.close()
+        log.info("%s #%d: %s after %d tokens in %.2fs", kind, rid, reason, len(stream.generated_ids), time.monotonic() - start)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def model_panel(models: Models) -> str:
+    """The model facts as an HTML table (escaped: names come from the command line)."""
+    chat = models.chat
+    rows = [
+        ("Base", chat.base),
+        ("Chat adapter", chat.adapter or "none"),
+        ("Caption adapter", models.caption.adapter if models.caption else "none (no image model loaded)"),
+        ("Device", str(chat.device)),
+        ("Dtype", str(chat.dtype).removeprefix("torch.")),
+        ("Context", f"{chat.max_seq_len} tokens"),
+        ("Trainable parameters", f"{chat.adapter_parameter_count():,} (the adapter)"),
+    ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table class='model-table'>{cells}</table>"
+
+
+def build_demo(models: Models) -> gr.Blocks:
+    chat_pipe = models.chat
+    limit = chat_pipe.max_seq_len
+
+    def add_user_message(message: str, history: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        if not message or not message.strip():
+            raise user_error("The message is empty: type a question or an instruction first.")
+        return "", [*history, {"role": "user", "content": message}]
+
+    @gpu
+    def respond(history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int) -> Iterator[list[dict[str, Any]]]:
+        n = int(max_new_tokens)  # the sliders have checked the ranges
+        turns = chat_turns(history)
+        if not turns:
+            raise user_error("There is no message to answer: type one first.")
+        *past, (message, _) = turns
+        prompt = fit_chat(past, message, chat_pipe.count_tokens, chat_pipe.prompt_budget(n))
+        if prompt.dropped_turns:
+            gr.Warning(
+                f"The conversation no longer fits in the model's {limit}-token context: it does not see the oldest "
+                f"{prompt.dropped_turns} turn(s). Clear the chat to start afresh."
+            )
+        for text in stream_text(chat_pipe, prompt.text, "chat", temperature, top_p, n):
+            yield [*history, {"role": "assistant", "content": text}]
+
+    def drop_last_reply(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For retry: everything up to and including the last user message."""
+        last_user = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=-1)
+        return history[: last_user + 1]
+
+    @gpu
+    def chat_api(message: str, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+        """One instruction in, the streamed reply out (no history: each call stands alone)."""
+        if not message or not message.strip():
+            raise user_error("The message is empty: send a question or an instruction.")
+        yield from stream_text(chat_pipe, format_prompt(message), "chat", temperature, top_p, int(max_new_tokens))
+
+    @gpu
+    def caption(image: dict[str, Any] | None, prompt: str, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+        # Runs with preprocess=False: the upload arrives as Gradio's file dict, so a bad file gets our message.
+        if not image or not image.get("path"):
+            raise user_error("No image: upload an image (or pick an example) first.")
+        try:
+            picture = load_image(image["path"])
+        except ImageError as e:
+            raise user_error(str(e)) from None
+        if models.caption is None:
+            raise user_error(NO_IMAGE_MODEL)
+        if not prompt or not prompt.strip():
+            gr.Warning("The prompt is empty: using the default caption prompt.")
+            prompt = CAPTION_INSTRUCTION
+        yield from stream_text(models.caption, format_prompt(prompt), "caption", temperature, top_p, int(max_new_tokens), image=picture)
+
+    model_event = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    with gr.Blocks(title="LLaMA-Adapter", fill_width=False) as demo:
+        gr.HTML(
+            "<header class='app-header'><h1>LLaMA-Adapter</h1>"
+            "<p>A frozen LLaMA that follows instructions through a small zero-init attention adapter "
+            "(1.2M parameters for LLaMA-7B). "
+            "Replies stream as they are generated. "
+            "<a href='https://arxiv.org/abs/2303.16199' target='_blank'>Paper</a></p></header>"
+        )
+        if models.tiny:
+            gr.HTML(
+                "<div class='tiny-banner'><strong>Tiny random model.</strong> Started with <code>--tiny</code>: random weights "
+                "for trying the interface, so the replies are nonsense.</div>"
+            )
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=320):
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chatbot = gr.Chatbot(
+                            label="Conversation",
+                            height=460,
+                            buttons=["copy"],
+                            placeholder="Ask anything: the whole conversation is the model's context.",
+                            elem_id="chatbot",
+                        )
+                        with gr.Row(elem_classes="input-row"):
+                            message = gr.Textbox(
+                                placeholder="Type a message and press Enter", show_label=False, scale=5, min_width=160, elem_id="chat-input"
+                            )
+                            send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="chat-send")
+                            stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="chat-stop")
+                        clear = gr.Button("Clear conversation", size="sm", variant="secondary", elem_id="chat-clear")
+                        gr.Examples(CHAT_EXAMPLES, inputs=[message], label="Examples", cache_examples=False)
+                    with gr.Tab("Image captioning", id="caption"):
+                        if models.caption is None:
+                            gr.HTML(f"<div class='notice' id='no-image-model'>{NO_IMAGE_MODEL}</div>")
+                        with gr.Row(equal_height=False):
+                            with gr.Column(min_width=260):
+                                image = gr.Image(
+                                    type="filepath", label="Image", sources=["upload", "clipboard"], height=300, elem_id="caption-image"
+                                )
+                                caption_prompt = gr.Textbox(value=CAPTION_INSTRUCTION, label="Prompt", lines=2, elem_id="caption-prompt")
+                                with gr.Row():
+                                    caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-run")
+                                    caption_stop = gr.Button("Stop", variant="stop", elem_id="caption-stop")
+                            with gr.Column(min_width=260):
+                                caption_out = gr.Textbox(label="Caption", lines=8, interactive=False, elem_id="caption-output")
+                        gr.Examples(
+                            [[str(p), CAPTION_INSTRUCTION] for p in CAPTION_EXAMPLES],
+                            inputs=[image, caption_prompt],
+                            label="Example images",
+                            cache_examples=False,
+                        )
+            with gr.Column(scale=1, min_width=260):
+                with gr.Accordion("Generation settings", open=True):
+                    max_new_tokens = gr.Slider(1, limit, value=min(DEFAULTS["max_new_tokens"], limit), step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label="Top-p")
+                with gr.Accordion("Model", open=True):
+                    gr.HTML(model_panel(models), elem_id="model-panel")
+
+        settings = [temperature, top_p, max_new_tokens]
+        submit_events = [
+            trigger(add_user_message, [message, chatbot], [message, chatbot], queue=False, api_visibility="private").success(
+                respond, [chatbot, *settings], [chatbot], api_visibility="private", **model_event
+            )
+            for trigger in (message.submit, send.click)
+        ]
+        retry_event = chatbot.retry(drop_last_reply, [chatbot], [chatbot], queue=False, api_visibility="private").then(
+            respond, [chatbot, *settings], [chatbot], api_visibility="private", **model_event
+        )
+        chat_events = [*submit_events, retry_event]
+        stop.click(None, cancels=chat_events, api_visibility="private")
+        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=chat_events, queue=False, api_visibility="private")
+        chatbot.clear(None, cancels=chat_events, api_visibility="private")
+
+        # The API's /chat: plain text in and out, through hidden components.
+        api_message = gr.Textbox(visible=False, label="message")
+        api_reply = gr.Textbox(visible=False, label="reply")
+        gr.Button(visible=False).click(chat_api, [api_message, *settings], [api_reply], api_name="chat", **model_event)
+
+        caption_event = caption_btn.click(
+            caption, [image, caption_prompt, *settings], [caption_out], api_name="caption", preprocess=False, **model_event
+        )
+        caption_stop.click(None, cancels=[caption_event], api_visibility="private")
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    handler = logging.StreamHandler()  # our request log only; other libraries keep their own levels
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        models = load_models(settings)
+    except (ResolveError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(startup_error(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    demo = build_demo(models)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        # System fonts: the page must not depend on a font CDN (offline machines, privacy).
+        theme=gr.themes.Soft(primary_hue="orange", secondary_hue="stone", font=SYSTEM_FONTS, font_mono=MONO_FONTS),
+        css_paths=[ASSETS / "style.css"],
+        allowed_paths=[str(ASSETS)],
+        max_file_size="25mb",
+        footer_links=["api", "gradio"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Reading images: paths, PIL images or numpy arrays to upright RGB, with a clear error for anything unusable.
+
+Size limits are checked before decoding, so a huge upload costs neither memory nor time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+# The encoder sees 224 x 224 anyway; larger inputs only cost memory and decoding time.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_BYTES = 25 * 2**20
+_SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+class ImageError(ValueError):
+    """An image could not be read or used; the message says which and what to do."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright RGB: EXIF orientation applied, any mode (L, P, RGBA, CMYK, 16-bit...) converted to RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT:
+        # convert("RGB") would clip 16-bit grey values at 255 (a white image); scale them to 8 bits first.
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    return img.convert("RGB")
+
+
+def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """An RGB PIL image from a file path, a PIL image or a numpy array (uint8, RGB order, H x W [x 3|4])."""
+    if isinstance(image, np.ndarray):
+        img = _from_array(image)
+        _check_pixels(img, max_pixels)
+        return to_rgb(img)
+    if isinstance(image, Image.Image):
+        _check_pixels(image, max_pixels)
+        return _decode(image, "the image")
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(Path(image), max_pixels, max_bytes)
+    raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy RGB array")
+
+
+def _read_file(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
+    if not path.is_file():
+        raise ImageError(f"image file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"{path.name} is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit: use a smaller image")
+    try:
+        opened = Image.open(path)  # reads the header only: the pixel check comes before decoding
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path.name} is far too large to decode: resize it and try again") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for files it cannot parse
+        raise ImageError(f"{path.name} is not an image PIL can read ({e}); use a JPEG, PNG, WebP, GIF or BMP file") from None
+    with opened:
+        _check_pixels(opened, max_pixels)
+        return _decode(opened, path.name)
+
+
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"the image is {width}x{height} pixels, over the {max_pixels / 1e6:.0f} megapixel limit: "
+            "resize it (e.g. to 1024 pixels on the long side) and try again"
+        )
+
+
+def _decode(img: Image.Image, what: str) -> Image.Image:
+    try:
+        img.load()  # PIL opens lazily: truncated or corrupt pixel data only fails here
+        rgb = to_rgb(img)
+    except Exception as e:  # decoders raise OSError, ValueError, struct.error, DecompressionBombError...
+        raise ImageError(f"{what} is corrupt or unsupported ({type(e).__name__}: {e}); re-save it as JPEG or PNG") from None
+    if rgb.width == 0 or rgb.height == 0:
+        raise ImageError(f"{what} is empty ({rgb.width}x{rgb.height} pixels)")
+    return rgb
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"image array has dtype {array.dtype}; pass uint8 values 0-255 (convert with .astype(np.uint8))")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageError(f"image array has shape {array.shape}; expected (H, W), (H, W, 3) RGB or (H, W, 4) RGBA")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"image array is empty: shape {array.shape}")
+    return Image.fromarray(np.ascontiguousarray(array))

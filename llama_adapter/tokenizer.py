@@ -31,36 +31,45 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas whose concatenation is ``decode(ids)``.
 
-    Only a short window of recent tokens is re-decoded each step.  Text that ends in an
+    Each step re-decodes a short window: the new tokens plus a few already emitted ones as
+    context, so that sentencepiece's handling of a leading space or whitespace piece at the
+    window's start is the same in both decodes and cancels out.  Text that ends in an
     incomplete UTF-8 sequence (byte-fallback pieces of an emoji or CJK character) is held
     back until the sequence completes; ``flush`` emits whatever is left at the end.
     """
 
+    CONTEXT = 4  # emitted tokens kept in front of the window
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self._prefix = 0  # window start: decoding from here fixes the text of ids[_prefix:_read]
+        self._prefix = 0  # window start
         self._read = 0  # ids before this have been emitted
         self.text = ""  # everything emitted so far
 
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        window = self.ids[self._prefix :]
-        done = self.tokenizer.decode(window[: self._read - self._prefix])
-        new = self.tokenizer.decode(window)
-        if len(new) <= len(done) or new.endswith("\ufffd") or not new.startswith(done):
-            return ""
-        delta = new[len(done) :]
-        self._prefix, self._read = self._read, len(self.ids)
+    def _delta(self) -> str | None:
+        """Text of ids[_read:] as the full decode would show it, or None while the window disagrees."""
+        done = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        new = self.tokenizer.decode(self.ids[self._prefix :])
+        return new[len(done) :] if new.startswith(done) else None
+
+    def _advance(self, delta: str) -> str:
+        self._read = len(self.ids)
+        self._prefix = max(self._read - self.CONTEXT, 0)
         self.text += delta
         return delta
 
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        delta = self._delta()
+        if not delta or delta.endswith("\ufffd"):
+            return ""
+        return self._advance(delta)
+
     def flush(self) -> str:
         """The rest of the text (e.g. a trailing invalid byte sequence that never completed)."""
-        full = self.tokenizer.decode(self.ids)
-        if not full.startswith(self.text):
-            raise RuntimeError("streamed text diverged from the full decode")
-        delta = full[len(self.text) :]
-        self.text = full
-        self._prefix = self._read = len(self.ids)
-        return delta
+        delta = self._delta()
+        if delta is None:  # the window never agreed: fall back to the one full decode
+            full = self.tokenizer.decode(self.ids)
+            delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        return self._advance(delta)

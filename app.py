@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 
 import llama_adapter
 from llama_adapter import CheckpointError, Pipeline, PromptTruncatedWarning, ResolveError
@@ -422,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         models = load_models(settings)
     except (ResolveError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(startup_error(e), file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory while loading; try --quantize int8, --caption-adapter none, or --device cpu", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_adapter import AdapterConfig, ModelArgs, Transformer
-from llama_adapter.checkpoint import hf_to_meta_name, unpermute_qk
+from llama_adapter.checkpoint import hf_to_meta_name, hf_to_meta_tensor
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -85,13 +85,9 @@ def ours_from_hf(hf_model, cfg: BenchConfig, dtype: torch.dtype, max_seq_len: in
             layer = int(name.split(".layers.")[1].split(".")[0])
             (prompts if "adaption_prompt" in name else gates)[layer] = t
             continue
-        name = name.replace(".self_attn.model.", ".self_attn.")
-        meta = hf_to_meta_name(name)
-        if meta is None:
-            continue
-        if meta.endswith("attention.wq.weight") or meta.endswith("attention.wk.weight"):
-            t = unpermute_qk(t, args.n_heads)
-        state[meta] = t.detach().clone()
+        meta = hf_to_meta_name(name.replace(".self_attn.model.", ".self_attn."))  # peft wraps attention modules
+        if meta is not None:
+            state[meta] = hf_to_meta_tensor(meta, t, args).detach().clone()
     adapter = None
     if prompts:
         # peft multiplies by its raw scalar gate: identity activation, same gate for every head.

@@ -133,6 +133,15 @@ def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def hf_to_meta_tensor(meta_name: str, t: Tensor, args: ModelArgs) -> Tensor:
+    """An HF tensor in Meta's layout: q/k rows go back to interleaved RoPE order, the rest is as is."""
+    if meta_name.endswith("attention.wq.weight"):
+        return unpermute_qk(t, args.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return unpermute_qk(t, args.kv_heads)
+    return t
+
+
 def hf_safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -160,14 +169,8 @@ def read_hf_checkpoint(directory: Path, args: ModelArgs, dtype: torch.dtype | No
         with safe_open(str(path), framework="pt", device=target) as f:
             for name in f.keys():
                 meta = hf_to_meta_name(name)
-                if meta is None:
-                    continue
-                t = f.get_tensor(name)
-                if meta.endswith("attention.wq.weight"):
-                    t = unpermute_qk(t, args.n_heads)
-                elif meta.endswith("attention.wk.weight"):
-                    t = unpermute_qk(t, args.kv_heads)
-                state[meta] = _convert(t, dtype, device)
+                if meta is not None:
+                    state[meta] = _convert(hf_to_meta_tensor(meta, f.get_tensor(name), args), dtype, device)
     if "output.weight" not in state and args.tie_word_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,18 +54,20 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_params_json(cls, path: str | Path, **overrides: Any) -> ModelArgs:
-        """Meta ``params.json``; a ``vocab_size`` of -1 means "take it from the tokenizer"."""
+    def from_params_json(cls, path: str | Path, tokenizer_vocab: int | None = None, **overrides: Any) -> ModelArgs:
+        """Meta ``params.json``; its ``vocab_size`` of -1 (LLaMA-1) means the tokenizer's size."""
         params = json.loads(Path(path).read_text())
         known = {f for f in cls.__dataclass_fields__}
-        unknown = set(params) - known
-        # Keys Meta released that change nothing for inference here.
-        unknown -= {"use_scaled_rope", "max_batch_size"}
+        if params.get("use_scaled_rope"):
+            raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+        unknown = set(params) - known - {"use_scaled_rope", "max_batch_size"}  # the latter changes nothing here
         if unknown:
             raise ValueError(f"{path}: unsupported params {sorted(unknown)}")
         params.update(overrides)
-        if params.get("vocab_size", 0) <= 0:
-            raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')}; pass vocab_size from the tokenizer")
+        if params.get("vocab_size", -1) <= 0:
+            if tokenizer_vocab is None:
+                raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')}; pass the tokenizer's size")
+            params["vocab_size"] = tokenizer_vocab
         return cls(**{k: v for k, v in params.items() if k in known})
 
     @classmethod
@@ -156,6 +158,3 @@ class AdapterConfig:
     def has_extras(self) -> bool:
         """Whether anything beyond prompts and gates is on (files then need format version 2)."""
         return self.bias or self.norm or self.lora_rank > 0 or self.visual is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -10,6 +10,8 @@ import argparse
 import sys
 import warnings
 
+import torch
+
 from . import load
 from .checkpoint import CheckpointError
 from .generation import PromptTruncatedWarning
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     except (ResolveError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; try --quantize int8, a smaller --max-seq-len, or --device cpu", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import ModelArgs
 from .images import ImageInput
 from .model import AdapterKV, CacheStep, KVCache, Transformer
 from .tokenizer import StreamDecoder, Tokenizer
@@ -98,14 +99,39 @@ def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: in
     return Request(head + tail, len(ids) - len(head) - len(tail))
 
 
+class CacheSlot:
+    """One reusable, preallocated KV cache (full context length).
+
+    Pipelines that share a base also share their slot: they serve one request at a time, so one
+    cache is enough.  A request that finds the cache busy (a second stream interleaved with the
+    first) or too small gets a cache of its own.
+    """
+
+    def __init__(self) -> None:
+        self._cache: KVCache | None = None
+        self._busy = False
+
+    def take(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        if self._cache is not None and not self._busy and self._cache.fits(batch, length, dtype, device):
+            self._busy = True
+            return self._cache
+        cache = KVCache(args, batch, args.max_seq_len, dtype, device)
+        if not self._busy:  # keep the larger cache for later requests
+            self._cache, self._busy = cache, True
+        return cache
+
+    def give_back(self, cache: KVCache) -> None:
+        if cache is self._cache:
+            self._busy = False
+
+
 class Decoder:
     """Runs the model over a batch of prompts with a KV cache and yields sampled tokens per step."""
 
-    def __init__(self, model: Transformer, pad_id: int, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, pad_id: int, compile: bool = False, cache_slot: CacheSlot | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
-        self._cache: KVCache | None = None
-        self._cache_busy = False
+        self.cache_slot = cache_slot or CacheSlot()
         # Opt-in: the one-token decode step compiled with static shapes (CUDA graphs on GPU).
         self._static_step = None
         if compile:
@@ -121,22 +147,11 @@ class Decoder:
         return self.model.forward_cached(tokens, positions, CacheStep(cache, 0, mask, index), adapter)
 
     def _take_cache(self, batch: int, length: int) -> KVCache:
-        dtype, device = self.model.tok_embeddings.weight.dtype, self.model.rope_cos.device
-        max_len = self.model.args.max_seq_len
-        if self._cache is not None and not self._cache_busy and self._cache.fits(batch, length, dtype, device):
-            self._cache_busy = True
-            return self._cache
-        cache = KVCache(self.model.args, batch, max_len, dtype, device)
+        cache = self.cache_slot.take(self.model.args, batch, length, self.model.tok_embeddings.weight.dtype, self.model.rope_cos.device)
         if self._static_step is not None:  # CUDA graphs may then keep the cache in place
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
-        if not self._cache_busy:  # keep the larger cache for later requests
-            self._cache, self._cache_busy = cache, True
         return cache
-
-    def _give_back(self, cache: KVCache) -> None:
-        if cache is self._cache:
-            self._cache_busy = False
 
     @torch.inference_mode()
     def steps(
@@ -189,7 +204,7 @@ class Decoder:
                     step = CacheStep(cache, cur, key_ok[:, None, None, : cur + 1] if padded else None)
                     logits = model.forward_cached(tokens, (cur - pads)[:, None], step, adapter)
         finally:
-            self._give_back(cache)
+            self.cache_slot.give_back(cache)
 
 
 class RowText:
@@ -307,6 +322,7 @@ class Pipeline:
         adapter: str | None = None,
         visual: VisualEncoder | None = None,
         compile: bool = False,
+        cache_slot: CacheSlot | None = None,
     ) -> None:
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model only {model.args.vocab_size} embeddings")
@@ -317,7 +333,7 @@ class Pipeline:
         self.base = base
         self.adapter = adapter
         self.visual = visual
-        self._decoder = Decoder(model, tokenizer.pad_id, compile=compile)
+        self._decoder = Decoder(model, tokenizer.pad_id, compile=compile, cache_slot=cache_slot)
 
     @property
     def device(self) -> torch.device:
@@ -326,6 +342,11 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def cache_slot(self) -> CacheSlot:
+        """The KV cache this pipeline decodes with (shared with pipelines loaded on top of it)."""
+        return self._decoder.cache_slot
 
     @property
     def max_seq_len(self) -> int:

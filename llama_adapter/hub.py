@@ -175,7 +175,7 @@ def _snapshot(spec: RepoSpec) -> Path:
         raise ResolveError(
             f"{what} does not exist or is private ({type(e).__name__}); check the name, or log in with `hf auth login`"
         ) from None
-    except OSError as e:
+    except Exception as e:  # network errors come from the HTTP client (httpx), not only as OSError
         raise ResolveError(_network_message(what, e)) from None
 
 
@@ -191,7 +191,7 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
         raise ResolveError(f"{what}: no such file in the repo") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise ResolveError(f"{what}: the repo or revision does not exist or is private ({type(e).__name__})") from None
-    except OSError as e:
+    except Exception as e:  # network errors come from the HTTP client (httpx), not only as OSError
         raise ResolveError(_network_message(what, e)) from None
 
 

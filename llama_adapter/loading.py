@@ -56,8 +56,7 @@ def find_tokenizer(base_dir: Path) -> Path:
 def read_model_args(base_dir: Path, vocab_size: int, max_seq_len: int | None) -> ModelArgs:
     overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
     if (base_dir / "params.json").is_file():
-        params = ModelArgs.from_params_json(base_dir / "params.json", vocab_size=vocab_size, **overrides)
-        return params
+        return ModelArgs.from_params_json(base_dir / "params.json", tokenizer_vocab=vocab_size, **overrides)
     if (base_dir / "config.json").is_file():
         return ModelArgs.from_hf_config(base_dir / "config.json", **overrides)
     raise FileNotFoundError(f"{base_dir} has neither params.json (Meta layout) nor config.json (Hugging Face layout)")
@@ -202,7 +201,8 @@ def load(
         visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
     label = str(adapter) if adapter is not None and not isinstance(adapter, AdapterConfig) else None
     base_label = shared.base if shared is not None else str(base)
-    return Pipeline(model, tokenizer, base=base_label, adapter=label, visual=visual, compile=compile)
+    slot = shared.cache_slot if shared is not None else None
+    return Pipeline(model, tokenizer, base=base_label, adapter=label, visual=visual, compile=compile, cache_slot=slot)
 
 
 def _check_shared(

@@ -50,9 +50,11 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, T
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """The big matrices: every Linear of the transformer blocks and the output head.
 
-    Small trained parts (adapter prompts, gates, visual modules) stay in full precision.
+    Small trained parts (adapter prompts, gates, LoRA, visual modules) stay in full precision.
     """
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (n.startswith("layers.") or n == "output")]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (n.startswith("layers.") or n == "output") and ".lora_" not in n
+    ]
 
 
 def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
@@ -13,7 +14,10 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path = path
-        self.sp = SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # e.g. a Llama-3 tiktoken file, or a corrupt download
+            raise ValueError(f"{path} is not a sentencepiece model ({e}); LLaMA-1/2 ship one as tokenizer.model") from None
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
@@ -27,18 +31,27 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    @cached_property
+    def anchor(self) -> tuple[int, str]:
+        """A plain visible piece (no whitespace, not special, not a byte) and its text, for StreamDecoder."""
+        sp = self.sp
+        for i in range(self.n_words):
+            piece = sp.id_to_piece(i)
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) and "\u2581" not in piece and piece.strip():
+                return i, self.decode([i])
+        raise ValueError(f"{self.path} has no plain visible piece to stream text with")
+
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas whose concatenation is ``decode(ids)``.
 
-    Each step re-decodes a short window: the new tokens plus a few already emitted ones as
-    context, so that sentencepiece's handling of a leading space or whitespace piece at the
-    window's start is the same in both decodes and cancels out.  Text that ends in an
-    incomplete UTF-8 sequence (byte-fallback pieces of an emoji or CJK character) is held
-    back until the sequence completes; ``flush`` emits whatever is left at the end.
+    Each step re-decodes only the tokens not yet emitted.  Away from the start of the text they
+    are decoded behind a fixed visible anchor piece whose text is then cut off, so sentencepiece's
+    start-of-text whitespace handling (dummy prefix, collapsed leading spaces) never applies to
+    a mid-text window.  Text that ends in an incomplete UTF-8 sequence (byte-fallback pieces of
+    an emoji or CJK character) is held back until the sequence completes; ``flush`` emits
+    whatever is left at the end.
     """
-
-    CONTEXT = 4  # emitted tokens kept in front of the window
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -47,15 +60,20 @@ class StreamDecoder:
         self._read = 0  # ids before this have been emitted
         self.text = ""  # everything emitted so far
 
+    def _decode(self, ids: list[int]) -> str:
+        if self._prefix == 0:  # the true start of the text: exactly as decode(ids) sees it
+            return self.tokenizer.decode(ids)
+        anchor, anchor_text = self.tokenizer.anchor
+        return self.tokenizer.decode([anchor, *ids])[len(anchor_text) :]
+
     def _delta(self) -> str | None:
-        """Text of ids[_read:] as the full decode would show it, or None while the window disagrees."""
-        done = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        new = self.tokenizer.decode(self.ids[self._prefix :])
+        """Text of ids[_read:] as the full decode shows it, or None while the windows disagree."""
+        done = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])
         return new[len(done) :] if new.startswith(done) else None
 
     def _advance(self, delta: str) -> str:
-        self._read = len(self.ids)
-        self._prefix = max(self._read - self.CONTEXT, 0)
+        self._prefix = self._read = len(self.ids)
         self.text += delta
         return delta
 
@@ -69,7 +87,7 @@ class StreamDecoder:
     def flush(self) -> str:
         """The rest of the text (e.g. a trailing invalid byte sequence that never completed)."""
         delta = self._delta()
-        if delta is None:  # the window never agreed: fall back to the one full decode
+        if delta is None:  # the windows never agreed: fall back to the one full decode
             full = self.tokenizer.decode(self.ids)
             delta = full[len(self.text) :] if full.startswith(self.text) else ""
         return self._advance(delta)

@@ -463,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size (raise --accum-steps to keep the effective batch), "
+              "lower --max-seq-len, or add --grad-checkpointing", file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue from the last checkpoint with --resume (in {args.out})", file=sys.stderr)
         return 130

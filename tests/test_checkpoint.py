@@ -182,9 +182,18 @@ def test_second_pipeline_shares_the_loaded_base(tmp_path: Path, hf_dir: Path, pi
     path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
     shared = llama_adapter.load(pipe, path)
     assert shared.model.layers[1].feed_forward.w1.weight.data_ptr() == pipe.model.layers[1].feed_forward.w1.weight.data_ptr()
+    assert shared.cache_slot is pipe.cache_slot  # one KV cache for both: they serve one request at a time
     fresh = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
     tokens = tokens_for(pipe, SAMPLE)
     with torch.no_grad():
         assert torch.allclose(shared.model(tokens), fresh.model(tokens), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="cannot be converted to bf16"):
         llama_adapter.load(pipe, path, dtype="bf16")
+
+
+def test_a_tokenizer_that_is_not_sentencepiece_is_named(tmp_path: Path, hf_dir: Path) -> None:
+    bad = tmp_path / "bad_tok"
+    shutil.copytree(hf_dir, bad)
+    (bad / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="tokenizer.model is not a sentencepiece model"):
+        llama_adapter.load(bad, device="cpu")

@@ -54,10 +54,14 @@ def squeezing_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 @pytest.mark.parametrize("which", ["llama-like", "squeezing"])
 def test_stream_decoder_on_random_ids_including_invalid_bytes(pipe, squeezing_tokenizer: Tokenizer, which: str) -> None:
     tokenizer = pipe.tokenizer if which == "llama-like" else squeezing_tokenizer
+    space = tokenizer.sp.piece_to_id("\u2581")
     rng = random.Random(0)
-    for _ in range(500):
-        ids = [rng.randrange(3, tokenizer.n_words) for _ in range(rng.randint(1, 40))]
+    for _ in range(500):  # whitespace-heavy: a third of the pieces are a bare space
+        ids = [space if rng.random() < 0.3 else rng.randrange(3, tokenizer.n_words) for _ in range(rng.randint(1, 40))]
         assert "".join(deltas(tokenizer, ids)) == tokenizer.decode(ids)
+    word = tokenizer.encode("the", bos=False)
+    ids = word + [space] * 5 + word
+    assert "".join(deltas(tokenizer, ids)) == tokenizer.decode(ids)
 
 
 def test_streamed_text_equals_decode_of_generated_ids(pipe) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -192,3 +193,14 @@ def test_half_precision_loads_in_that_dtype_and_stays_close(hf_dir: Path, pipe, 
         ref, got = pipe.model(tokens), half.model(tokens)
     assert got.dtype == torch.float32  # logits come back in fp32 for sampling
     assert (got.softmax(-1) - ref.softmax(-1)).abs().max().item() < 0.05
+
+
+def test_params_json_vocab_and_unsupported_rope(tmp_path: Path) -> None:
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": -1}))
+    assert ModelArgs.from_params_json(path, tokenizer_vocab=384).vocab_size == 384  # LLaMA-1 writes -1
+    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 400}))
+    assert ModelArgs.from_params_json(path, tokenizer_vocab=384).vocab_size == 400  # a padded vocabulary stays
+    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 400, "use_scaled_rope": True}))
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        ModelArgs.from_params_json(path)

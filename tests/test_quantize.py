@@ -60,3 +60,24 @@ def test_int8_halves_weight_memory_and_streams_with_an_adapter(tmp_path: Path, h
 def test_unknown_quantize_mode_is_refused(hf_dir: Path) -> None:
     with pytest.raises(ValueError, match="unknown quantize mode 'int4'"):
         llama_adapter.load(hf_dir, device="cpu", quantize="int4")
+
+
+def test_int8_keeps_lora_hooks_and_biases_in_full_precision(tmp_path: Path, hf_dir: Path, pipe) -> None:
+    cfg = llama_adapter.AdapterConfig(adapter_len=3, adapter_layer=2, bias=True, lora_rank=4)
+    fresh = llama_adapter.load(hf_dir, cfg, device="cpu", dtype="fp32")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in fresh.model.adapter_parameters().items():
+            if ".lora_" in name or name.endswith((".bias", ".gate")):
+                p.normal_(0.0, 0.2)
+    path = llama_adapter.save_adapter(tmp_path / "lora.safetensors", fresh.adapter_tensors(), cfg, fresh.model.args)
+    full = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
+    quant = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32", quantize="int8")
+    attention = quant.model.layers[3].attention
+    assert isinstance(attention.wq, Int8Linear) and attention.wq.bias is not None
+    assert isinstance(attention.lora_wq_l1, torch.nn.Linear)  # LoRA itself is not quantized
+    tokens = tokens_for(pipe, SAMPLE)
+    with torch.no_grad():
+        lora_effect = (full.model(tokens) - pipe.model(tokens)).abs().mean()
+        int8_error = (quant.model(tokens) - full.model(tokens)).abs().mean()
+    assert int8_error < lora_effect / 3  # the hooks and biases still act on the int8 projections

@@ -67,7 +67,7 @@ def run(impl: str, cfg: BenchConfig, batch_size: int, steps: int, queue: mp.Queu
         for p in model.adapter_parameters().values():
             p.requires_grad_(True)
         model.train()
-        optimizer = make_optimizer(model, 1e-3, 0.02)
+        optimizer = make_optimizer(model.adapter_parameters(), 1e-3, 0.02)
         lengths = [e.input_len for e in examples]
         batches = LengthGroupedBatches(lengths, batch_size, seed=0, group_batches=4).epoch(0)[: steps + 1]
 

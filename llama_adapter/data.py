@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -34,6 +35,17 @@ class RecordError(ValueError):
 # ---------------------------------------------------------------- records
 
 
+class TrainingRecord(Protocol):
+    """What training needs of a record: the prompt, the response the loss is on, and its image (if any)."""
+
+    @property
+    def image(self) -> Path | None: ...
+
+    def prompt(self) -> str: ...
+
+    def response(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class InstructionRecord:
     """An Alpaca record: the prompt is ``format_prompt(instruction, input)``, the response ``output``."""
@@ -42,6 +54,10 @@ class InstructionRecord:
     output: str
     input: str = ""
 
+    @property
+    def image(self) -> None:
+        return None
+
     def prompt(self) -> str:
         return format_prompt(self.instruction, self.input)
 
@@ -49,7 +65,7 @@ class InstructionRecord:
         return self.output
 
 
-def _field(obj: dict, name: str, required: bool) -> str:
+def string_field(obj: dict, name: str, required: bool) -> str:
     value = obj.get(name)
     if value is None:
         if required:
@@ -64,10 +80,12 @@ def instruction_record(obj: object) -> InstructionRecord:
     """Validate one Alpaca object: ``instruction`` and ``output`` strings, optional ``input`` string."""
     if not isinstance(obj, dict):
         raise RecordError(f"expected a JSON object with 'instruction' and 'output', found {type(obj).__name__}")
+    if "image" in obj:
+        raise RecordError("has an 'image': image-text data is trained with --image-root DIR and --phase pretrain|finetune")
     return InstructionRecord(
-        instruction=_field(obj, "instruction", required=True),
-        output=_field(obj, "output", required=True),
-        input=_field(obj, "input", required=False),
+        instruction=string_field(obj, "instruction", required=True),
+        output=string_field(obj, "output", required=True),
+        input=string_field(obj, "input", required=False),
     )
 
 
@@ -98,18 +116,19 @@ def _raw_items(path: Path, text: str) -> list[tuple[str, object]]:
     return out
 
 
-def _report(path: Path, problems: list[str], limit: int = 20) -> str:
-    lines = [f"{path}: {len(problems)} malformed record(s); fix or remove them and run again:"]
+def _report(path: Path, problems: list[str], what: str = "malformed record(s)", limit: int = 20) -> str:
+    lines = [f"{path}: {len(problems)} {what}; fix or remove them and run again:"]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
 
 
-def read_records(path: str | Path, parse: Callable[[object], object] = instruction_record) -> list:
+def read_records(path: str | Path, parse: Callable[[object], object] = instruction_record, what: str = "malformed record(s)") -> list:
     """All records of a JSON-list or JSONL file, each validated by ``parse``; raise one DataError for all problems.
 
-    Records in a list are named by index (from 0), JSONL records by line number (from 1).
+    Records in a list are named by index (from 0), JSONL records by line number (from 1); ``what``
+    names the problems in the report's first line.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,7 +144,7 @@ def read_records(path: str | Path, parse: Callable[[object], object] = instructi
         except RecordError as e:
             problems.append(f"{where}: {e}")
     if problems:
-        raise DataError(_report(path, problems))
+        raise DataError(_report(path, problems, what))
     if not records:
         raise DataError(f"{path} holds no records")
     return records
@@ -146,10 +165,11 @@ def split_records(records: Sequence, fraction: float, seed: int) -> tuple[list, 
 
 @dataclass(frozen=True, eq=False)
 class Example:
-    """Token ids (BOS, prompt, response, EOS) and the index of the first response token."""
+    """Token ids (BOS, prompt, response, EOS), the index of the first response token, and the image file if any."""
 
     ids: Tensor  # int64 [n]: a tensor, not a tuple of Python ints, to keep large datasets small in RAM
     response_start: int
+    image: Path | None = None
 
     @property
     def input_len(self) -> int:
@@ -172,7 +192,7 @@ class Encoded:
         return sum(len(e.ids) for e in self.examples)
 
 
-def encode_record(record: InstructionRecord, tokenizer: Tokenizer) -> Example:
+def encode_record(record: TrainingRecord, tokenizer: Tokenizer) -> Example:
     """Tokenise prompt + response + EOS as one text, as generation will see it.
 
     The response starts after the longest prefix shared with the prompt tokenised alone, so
@@ -184,10 +204,10 @@ def encode_record(record: InstructionRecord, tokenizer: Tokenizer) -> Example:
     start = 0
     while start < min(len(prompt_ids), len(ids) - 1) and prompt_ids[start] == ids[start]:
         start += 1
-    return Example(torch.tensor(ids, dtype=torch.long), start)
+    return Example(torch.tensor(ids, dtype=torch.long), start, record.image)
 
 
-def encode_records(records: Sequence[InstructionRecord], tokenizer: Tokenizer, max_seq_len: int) -> Encoded:
+def encode_records(records: Sequence[TrainingRecord], tokenizer: Tokenizer, max_seq_len: int) -> Encoded:
     examples, truncated, dropped = [], 0, 0
     for record in records:
         ex = encode_record(record, tokenizer)
@@ -196,7 +216,7 @@ def encode_records(records: Sequence[InstructionRecord], tokenizer: Tokenizer, m
             if ex.response_start >= max_seq_len:
                 dropped += 1
                 continue
-            ex = Example(ex.ids[:max_seq_len], ex.response_start)
+            ex = Example(ex.ids[:max_seq_len], ex.response_start, ex.image)
         examples.append(ex)
     return Encoded(examples, truncated, dropped)
 

@@ -46,7 +46,22 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes:
     raise ImageError(f"unsupported image type {type(image).__name__}; pass a file path, a PIL image or a numpy RGB array")
 
 
+def check_image_file(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    """Raise ImageError unless ``path`` is an image file within the limits, reading only its header.
+
+    For checking a whole dataset quickly: pixel data that is corrupt past the header only fails when decoded.
+    """
+    with _open_file(Path(path), max_pixels, max_bytes):
+        pass
+
+
 def _read_file(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
+    with _open_file(path, max_pixels, max_bytes) as opened:
+        return _decode(opened, path.name)
+
+
+def _open_file(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
+    """The file opened lazily (header read, pixels not decoded), size limits checked."""
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     size = path.stat().st_size
@@ -58,9 +73,12 @@ def _read_file(path: Path, max_pixels: int, max_bytes: int) -> Image.Image:
         raise ImageError(f"{path.name} is far too large to decode: resize it and try again") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for files it cannot parse
         raise ImageError(f"{path.name} is not an image PIL can read ({e}); use a JPEG, PNG, WebP, GIF or BMP file") from None
-    with opened:
+    try:
         _check_pixels(opened, max_pixels)
-        return _decode(opened, path.name)
+    except ImageError:
+        opened.close()
+        raise
+    return opened
 
 
 def _check_pixels(img: Image.Image, max_pixels: int) -> None:

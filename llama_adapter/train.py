@@ -1,14 +1,20 @@
 """Train an adapter on Alpaca-style data: a frozen LLaMA, learnable zero-gated adaption prompts.
 
 python -m llama_adapter.train --base B --data FILE --out DIR [options]
+python -m llama_adapter.train --base B --data FILE --image-root DIR --phase pretrain|finetune --out DIR [options]
 torchrun --nproc_per_node N -m llama_adapter.train ...   (data parallel over N processes)
 
 The defaults are the paper's recipe (5 epochs, 2 warmup, base lr 9e-3, wd 0.02, 10 x 30 prompts).
+With --image-root the data are image-text records and an official-V2-style multimodal adapter
+(CLIP + visual adapter, 10 x 31 prompts) is trained in two phases, each with the official recipe's
+defaults: pretrain (visual adapter, prompts, gates; blr 1e-4, wd 0.05, 3 epochs, 0.1 warmup), then
+finetune from the pretrain output with --init-adapter (biases, norms; blr 1e-3, wd 0.02, 4 epochs, 1 warmup).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,8 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import load
-from .checkpoint import CheckpointError, save_adapter
-from .config import AdapterConfig
+from .checkpoint import AdapterFile, CheckpointError, save_adapter
+from .config import AdapterConfig, VisualConfig
 from .data import (
     IGNORE_INDEX,
     DataError,
@@ -42,8 +48,11 @@ from .data import (
 )
 from .generation import Pipeline
 from .hub import ResolveError
-from .loading import default_device
+from .image_data import read_image_text_records
+from .loading import adapter_dtype, default_device
 from .model import Transformer
+from .train_visual import PHASES, ImageFeeder, copy_init_adapter, read_init_adapter, trains_in_phase
+from .visual import ClipSpec, clip_output_dim
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
@@ -51,7 +60,18 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_FORMAT = "llama-adapter-train-1"
 # Arguments that decide the course of training: a resumed run must use the same ones.
 TRAJECTORY = ("base", "data", "val_data", "val_fraction", "epochs", "global_batch", "accum_steps", "lr", "weight_decay",
-              "warmup_epochs", "min_lr", "adapter_len", "adapter_layer", "max_seq_len", "seed")  # fmt: skip
+              "warmup_epochs", "min_lr", "adapter_len", "adapter_layer", "max_seq_len", "seed", "image_root", "phase",
+              "clip", "init_adapter", "lora_rank", "visual_dim", "visual_depth", "visual_heads")  # fmt: skip
+# Defaults per kind of run: the paper's text recipe, and the official V2 scripts' (exps/pretrain.sh counts
+# 150 epochs of 1/50 of the data with 5 warmup: 3 passes and 0.1; exps/finetune.sh: 4 epochs, 1 warmup).
+RECIPES = {
+    "text": {"epochs": 5, "warmup_epochs": 2.0, "blr": 9e-3, "weight_decay": 0.02, "adapter_len": 10, "adapter_layer": 30},
+    "pretrain": {"epochs": 3, "warmup_epochs": 0.1, "blr": 1e-4, "weight_decay": 0.05, "adapter_len": 10, "adapter_layer": 31},
+    "finetune": {"epochs": 4, "warmup_epochs": 1.0, "blr": 1e-3, "weight_decay": 0.02, "adapter_len": 10, "adapter_layer": 31},
+}
+# The visual adapter of the official V2 models: 768 wide, 8 blocks of 16 heads.
+VISUAL_SHAPE = {"visual_dim": 768, "visual_depth": 8, "visual_heads": 16}
+DEFAULT_CLIP = "ViT-L-14:openai"
 
 
 class TrainError(RuntimeError):
@@ -66,17 +86,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-data", help="validation records (same format); eval loss is reported at each epoch end")
     val.add_argument("--val-fraction", type=float, help="hold out this fraction of --data (seeded) for validation")
-    p.add_argument("--epochs", type=int, default=5)
+    images = p.add_argument_group("image-text training (official LLaMA-Adapter V2 layout)")
+    images.add_argument("--image-root", help="the records' 'image' paths are relative to this directory; makes the run multimodal")
+    images.add_argument("--phase", choices=PHASES, help="pretrain: visual adapter, prompts, gates; finetune: biases, norms (+LoRA)")
+    images.add_argument("--init-adapter", help="start from this multimodal adapter (the pretrain output, or an official V2 file)")
+    images.add_argument("--clip", help=f"open_clip CLIP as MODEL[:PRETRAINED] (default: {DEFAULT_CLIP}, or --init-adapter's), "
+                        "also hf-hub:ORG/REPO or local-dir:/PATH (a folder with open_clip_config.json and weights)")  # fmt: skip
+    images.add_argument("--lora-rank", type=int, default=0, help="finetune phase: also train LoRA of this rank (0: none)")
+    images.add_argument("--visual-dim", type=int, help=f"visual adapter width (default {VISUAL_SHAPE['visual_dim']})")
+    images.add_argument("--visual-depth", type=int, help=f"visual adapter blocks (default {VISUAL_SHAPE['visual_depth']})")
+    images.add_argument("--visual-heads", type=int, help=f"visual adapter attention heads (default {VISUAL_SHAPE['visual_heads']})")
+    p.add_argument("--epochs", type=int, help="passes over the data (default: 5; pretrain 3, finetune 4)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per device per micro-batch")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     lr = p.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=float, help="peak learning rate (default: blr * effective batch / 256)")
-    lr.add_argument("--blr", type=float, default=9e-3, help="base learning rate for an effective batch of 256")
-    p.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay on the prompts (never on the gates)")
-    p.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warmup length, in epochs")
+    lr.add_argument(
+        "--blr", type=float, help="base learning rate for an effective batch of 256 (default: 9e-3; pretrain 1e-4, finetune 1e-3)"
+    )
+    p.add_argument(
+        "--weight-decay", type=float, help="AdamW weight decay on matrices, never on gates, biases or norms (default: 0.02; pretrain 0.05)"
+    )
+    p.add_argument("--warmup-epochs", type=float, help="linear warmup length, in epochs (default: 2; pretrain 0.1, finetune 1)")
     p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
-    p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per adapted layer")
-    p.add_argument("--adapter-layer", type=int, default=30, help="number of top layers that get a prompt")
+    p.add_argument("--adapter-len", type=int, help="prompt tokens per adapted layer (default 10)")
+    p.add_argument("--adapter-layer", type=int, help="number of top layers that get a prompt (default: 30; image-text 31)")
     p.add_argument("--max-seq-len", type=int, default=512, help="longer examples are truncated (their end is lost)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available); torchrun gives each process its GPU")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="frozen base dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -87,9 +121,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers' activations in backward")
     args = p.parse_args(argv)
-    positive = ("epochs", "batch_size", "accum_steps", "adapter_len", "adapter_layer", "max_seq_len", "log_every")
+    check_multimodal_args(p, args)
+    kind = args.phase or "text"
+    shape_from_file = args.init_adapter is not None
+    defaults = RECIPES[kind] | (VISUAL_SHAPE if kind != "text" else {})
+    for name, value in defaults.items():
+        if getattr(args, name) is None and not (shape_from_file and name in SHAPE_ARGS):
+            setattr(args, name, value)
+    positive = ("epochs", "batch_size", "accum_steps", "max_seq_len", "log_every", *SHAPE_ARGS)
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if (args.lr is not None and not args.lr > 0) or not args.blr > 0:
         p.error("the learning rate must be > 0")
@@ -100,6 +141,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.stop_after is not None and args.stop_after < 1:
         p.error("--stop-after must be >= 1")
     return args
+
+
+# The adapter's shape; with --init-adapter it comes from that file.
+SHAPE_ARGS = ("adapter_len", "adapter_layer", "visual_dim", "visual_depth", "visual_heads")
+
+
+def check_multimodal_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Image-text flags go together: --image-root and --phase, and the rest only with them."""
+    if (args.image_root is None) != (args.phase is None):
+        p.error("image-text training needs both --image-root DIR and --phase pretrain|finetune")
+    if args.phase is None:
+        used = [f"--{n.replace('_', '-')}" for n in ("init_adapter", "clip", "visual_dim", "visual_depth", "visual_heads")
+                if getattr(args, n) is not None] + (["--lora-rank"] if args.lora_rank else [])  # fmt: skip
+        if used:
+            p.error(f"{', '.join(used)} only apply to image-text training (--image-root and --phase)")
+        return
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be >= 0")
+    if args.lora_rank and args.phase != "finetune":
+        p.error("--lora-rank is for --phase finetune (the official pretrain phase trains no LoRA)")
+    if args.init_adapter is not None:
+        given = [f"--{n.replace('_', '-')}" for n in SHAPE_ARGS if getattr(args, n) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: the adapter's shape comes from --init-adapter; leave them out")
+
+
+def clip_spec(value: str) -> ClipSpec:
+    """``MODEL[:PRETRAINED]``; open_clip's ``hf-hub:`` and ``local-dir:`` schemas carry their own weights."""
+    if value.startswith(("hf-hub:", "local-dir:")):
+        return ClipSpec(value, None)
+    model, _, pretrained = value.partition(":")
+    return ClipSpec(model, pretrained or None)
 
 
 # ---------------------------------------------------------------- processes
@@ -160,35 +233,61 @@ def lr_factor(step: int, warmup_steps: float, total_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    params = model.adapter_parameters()
-    # The issue asks for no decay on the gates, which pulls them back towards zero (the base model).
-    # The official script (timm param_groups_weight_decay) decays the 4-D gates as well.
-    decay = [p for n, p in params.items() if not n.endswith(".gate")]
-    no_decay = [p for n, p in params.items() if n.endswith(".gate")]
+def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # As the official scripts, no decay on vectors (biases, norms); and none on the gates, which it would pull
+    # back towards zero (the base model), where the official scripts decay the 4-D gates as well.
+    def decays(name: str, p: torch.nn.Parameter) -> bool:
+        return p.ndim > 1 and not name.endswith((".gate", ".new_gate"))
+
+    decay = [p for n, p in params.items() if decays(n, p)]
+    no_decay = [p for n, p in params.items() if not decays(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def summed_nll(model: Transformer, examples: Sequence[Example], pad_id: int, device: torch.device, recompute: bool) -> Tensor:
+def summed_nll(
+    model: Transformer,
+    examples: Sequence[Example],
+    pad_id: int,
+    device: torch.device,
+    recompute: bool,
+    visual_prompt: Tensor | None = None,
+) -> Tensor:
     """Sum of the negative log-likelihoods of the response tokens (and EOS) of a batch."""
     inputs, targets = collate(examples, pad_id)
     inputs, targets = inputs.to(device), targets.to(device)
-    hidden = model.training_hidden(inputs, checkpoint=recompute)
+    hidden = model.training_hidden(inputs, visual_prompt=visual_prompt, checkpoint=recompute)
     keep = targets != IGNORE_INDEX
     # The vocabulary projection only runs where there is a target: prompts cost no logits.
     logits = model.output(hidden[keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
+@dataclass
+class Run:
+    """What the training step needs besides the data: the model, what it trains, how images come in."""
+
+    model: Transformer
+    params: dict[str, torch.nn.Parameter]  # the trained ones
+    images: ImageFeeder | None
+    # Mixed precision for multimodal runs on a bf16/fp16 base: fp32 trained tensors meet half-precision ones.
+    autocast_dtype: torch.dtype | None
+
+    def precision(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
 def accumulate(
-    model: Transformer,
+    run: Run,
     examples: Sequence[Example],
     group: Sequence[Sequence[int]],
     pad_id: int,
     scaler: torch.amp.GradScaler,
     world: Dist,
     recompute: bool,
+    epoch: int,
 ) -> tuple[float, int]:
     """Backward over one optimizer step's global micro-batches (this process's shards); grads summed over processes.
 
@@ -199,24 +298,28 @@ def accumulate(
     n_targets = sum(examples[i].n_targets for batch in group for i in batch)
     loss_sum = torch.zeros(1, dtype=torch.float32, device=world.device)
     for batch in group:
-        mine = [examples[i] for i in shard(batch, world.rank, world.world_size)]
+        indices = shard(batch, world.rank, world.world_size)
+        mine = [examples[i] for i in indices]
         if mine:
-            loss = summed_nll(model, mine, pad_id, world.device, recompute)
+            with run.precision(world.device):
+                visual = run.images.train_prompts(mine, indices, epoch) if run.images else None
+                loss = summed_nll(run.model, mine, pad_id, world.device, recompute, visual)
             scaler.scale(loss / n_targets).backward()
             loss_sum += loss.detach()
-    params = list(model.adapter_parameters().values())
-    return sum_across_ranks(params, loss_sum, world).item(), n_targets
+    return sum_across_ranks(list(run.params.values()), loss_sum, world).item(), n_targets
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, examples: Sequence[Example], batch_size: int, pad_id: int, world: Dist) -> float:
+def evaluate(run: Run, examples: Sequence[Example], batch_size: int, pad_id: int, world: Dist) -> float:
     """Mean NLL per response token over ``examples``, split across processes."""
     order = sorted(range(len(examples)), key=lambda i: examples[i].input_len)
     mine = shard(order, world.rank, world.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=world.device)
     for start in range(0, len(mine), batch_size):
         batch = [examples[i] for i in mine[start : start + batch_size]]
-        total[0] += summed_nll(model, batch, pad_id, world.device, recompute=False).double()
+        with run.precision(world.device):
+            visual = run.images.eval_prompts(batch) if run.images else None
+            total[0] += summed_nll(run.model, batch, pad_id, world.device, False, visual).double()
         total[1] += sum(e.n_targets for e in batch)
     if world.world_size > 1:
         dist.all_reduce(total)
@@ -236,11 +339,14 @@ class Position:
     metrics_lines: int = 0
 
 
-def save_checkpoint(path: Path, model: Transformer, optimizer, scheduler, scaler, position: Position, trajectory: dict) -> None:
-    """Atomically write everything needed to continue exactly: tensors and plain containers only."""
+def save_checkpoint(path: Path, adapter: dict[str, Tensor], optimizer, scheduler, scaler, position: Position, trajectory: dict) -> None:
+    """Atomically write everything needed to continue exactly: tensors and plain containers only.
+
+    ``adapter`` is every adapter tensor, trained or not (``Pipeline.adapter_tensors``).
+    """
     state = {
         "format": CHECKPOINT_FORMAT,
-        "adapter": {n: p.detach().cpu() for n, p in model.adapter_parameters().items()},
+        "adapter": {n: p.detach().cpu() for n, p in adapter.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -269,9 +375,9 @@ def load_checkpoint(path: Path, trajectory: dict) -> dict:
     return state
 
 
-def restore(state: dict, model: Transformer, optimizer, scheduler, scaler) -> Position:
+def restore(state: dict, adapter: dict[str, Tensor], optimizer, scheduler, scaler) -> Position:
     with torch.no_grad():
-        for name, p in model.adapter_parameters().items():
+        for name, p in adapter.items():
             p.copy_(state["adapter"][name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -302,20 +408,68 @@ class Metrics:
 
 
 def read_data(args: argparse.Namespace) -> tuple[list, list]:
-    """Validated train and validation records, before anything is loaded onto a device."""
-    records = read_records(args.data)
+    """Validated train and validation records (images opened, for image-text data), before anything is loaded onto a device."""
+
+    def read(path: str) -> list:
+        return read_image_text_records(path, args.image_root) if args.image_root else read_records(path)
+
+    records = read(args.data)
     if args.val_data:
-        return records, read_records(args.val_data)
+        return records, read(args.val_data)
     if args.val_fraction:
         return split_records(records, args.val_fraction, args.seed)
     return records, []
 
 
-def describe(world: Dist, train: Encoded, val: Encoded, model: Transformer, plan: LengthGroupedBatches, args, lr: float) -> None:
+def multimodal_config(args: argparse.Namespace, init: AdapterFile | None, clip: ClipSpec) -> AdapterConfig:
+    """The adapter an image-text phase trains: the shape from --init-adapter or the flags; biases and norms for finetune."""
+    if init is not None:
+        assert init.config.visual is not None
+        shape = init.config
+        visual = VisualConfig(**(vars(init.config.visual) | {"clip_model": clip.model, "clip_pretrained": clip.pretrained}))
+    else:
+        shape = AdapterConfig(args.adapter_len, args.adapter_layer)
+        visual = VisualConfig(clip.model, clip.pretrained, clip_output_dim(clip), args.visual_dim, args.visual_depth, args.visual_heads)
+    finetune = args.phase == "finetune"
+    return AdapterConfig(
+        shape.adapter_len, shape.adapter_layer, "tanh", bias=finetune, norm=finetune, lora_rank=args.lora_rank, visual=visual
+    )
+
+
+def build(args: argparse.Namespace, world: Dist) -> tuple[Pipeline, Run]:
+    """The pipeline with a fresh (or --init-adapter) adapter, and what of it trains."""
+    if args.phase is None:
+        pipe = load(args.base, AdapterConfig(args.adapter_len, args.adapter_layer), device=world.device, dtype=args.dtype)
+        return pipe, Run(pipe.model, pipe.model.adapter_parameters(), None, None)
+    init_path, init = read_init_adapter(args.init_adapter) if args.init_adapter else (None, None)
+    if args.clip:
+        clip = clip_spec(args.clip)
+    else:  # the CLIP the starting adapter was trained with
+        clip = ClipSpec.of(init.config.visual) if init and init.config.visual else clip_spec(DEFAULT_CLIP)
+    pipe = load(args.base, multimodal_config(args, init, clip), device=world.device, dtype=args.dtype, clip=clip)
+    if init is not None:
+        copy_init_adapter(pipe, init, f"--init-adapter {init_path}")
+    params = {n: p for n, p in pipe.adapter_tensors().items() if trains_in_phase(n, args.phase)}
+    for p in params.values():
+        p.data = p.data.float()  # fp32 master weights; the forward runs under autocast on a half-precision base
+    assert pipe.visual is not None
+    half = pipe.dtype if pipe.dtype != torch.float32 else None
+    return pipe, Run(pipe.model, params, ImageFeeder(pipe.visual, args.seed), half)
+
+
+def serving_dtypes(pipe: Pipeline) -> None:
+    """Back from fp32 training to the dtypes load() gives, so that the returned pipeline generates as a loaded one."""
+    for name, p in pipe.adapter_tensors().items():
+        if isinstance(p, torch.nn.Parameter):
+            p.data = p.data.to(adapter_dtype(name, pipe.dtype) if name in pipe.model.adapter_parameters() else pipe.dtype)
+
+
+def describe(world: Dist, train: Encoded, val: Encoded, run: Run, plan: LengthGroupedBatches, args, lr: float) -> None:
+    model = run.model
     lengths = [e.input_len for e in train.examples]
     grouped = padding_efficiency(plan.epoch(0), lengths, world.world_size)
     padded_to_max = sum(lengths) / (len(lengths) * args.max_seq_len)
-    n_params = sum(p.numel() for p in model.adapter_parameters().values())
+    n_params = sum(p.numel() for p in run.params.values())
     effective = args.batch_size * world.world_size * args.accum_steps
     val_part = f", validation {len(val.examples)} examples" if val.examples else ""
     print(f"data: {len(train.examples)} training examples, {train.tokens:,} tokens{val_part}")
@@ -325,7 +479,14 @@ def describe(world: Dist, train: Encoded, val: Encoded, model: Transformer, plan
             f"      {train.truncated + val.truncated} examples longer than --max-seq-len {args.max_seq_len} were truncated"
             + (f"; {dropped} of them lost their whole response and were dropped" if dropped else "")
         )
-    print(f"model: {n_params:,} trainable parameters ({args.adapter_len} x {args.adapter_layer} prompts + gates), "
+    cfg = model.adapter
+    assert cfg is not None
+    what = {
+        None: "prompts + gates",
+        "pretrain": "prompts, gates and visual adapter",
+        "finetune": "biases and norms" + (f" and rank-{cfg.lora_rank} LoRA" if cfg.lora_rank else ""),
+    }[args.phase]
+    print(f"model: {n_params:,} trainable parameters ({what}; {cfg.adapter_len} x {cfg.adapter_layer} prompts), "
           f"frozen base in {str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {world.device}")  # fmt: skip
     how = "--lr" if args.lr is not None else f"blr {args.blr:g} x {effective} / 256"
     print(f"batch: {args.batch_size} per process x {world.world_size} processes x {args.accum_steps} accumulation = "
@@ -342,16 +503,17 @@ def train(args: argparse.Namespace) -> Pipeline:
         raise TrainError(f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out")
     train_records, val_records = read_data(args)
 
-    torch.manual_seed(args.seed)  # the fresh prompts' N(0, 1) initialisation
-    pipe = load(args.base, AdapterConfig(args.adapter_len, args.adapter_layer), device=world.device, dtype=args.dtype)
+    torch.manual_seed(args.seed)  # the fresh adapter's initialisation
+    pipe, run = build(args, world)
     model, tokenizer = pipe.model, pipe.tokenizer
     if args.max_seq_len > model.args.max_seq_len:
         raise TrainError(f"--max-seq-len {args.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
-    params = list(model.adapter_parameters().values())
-    for p in params:
+    adapter = pipe.adapter_tensors()
+    for p in run.params.values():
         p.requires_grad_(True)
-        if world.world_size > 1:
-            dist.broadcast(p.data, 0)
+    if world.world_size > 1:
+        for t in adapter.values():
+            dist.broadcast(t.data, 0)
 
     train_set = encode_records(train_records, tokenizer, args.max_seq_len)
     val_set = encode_records(val_records, tokenizer, args.max_seq_len)
@@ -365,7 +527,7 @@ def train(args: argparse.Namespace) -> Pipeline:
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
-    optimizer = make_optimizer(model, lr, args.weight_decay)
+    optimizer = make_optimizer(run.params, lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, args.min_lr / lr))
     # fp16 activations can underflow in backward; bf16 and fp32 need no loss scaling.
     scaler = torch.amp.GradScaler(world.device.type, enabled=model.tok_embeddings.weight.dtype == torch.float16)
@@ -373,12 +535,12 @@ def train(args: argparse.Namespace) -> Pipeline:
     trajectory = {k: getattr(args, k, None) for k in TRAJECTORY} | {"global_batch": args.batch_size * world.world_size, "lr": lr}
     position = Position()
     if args.resume and ckpt_path.exists():
-        position = restore(load_checkpoint(ckpt_path, trajectory), model, optimizer, scheduler, scaler)
+        position = restore(load_checkpoint(ckpt_path, trajectory), adapter, optimizer, scheduler, scaler)
     elif args.resume and world.main:
         print(f"note: no checkpoint in {out} yet; starting from the beginning")
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        describe(world, train_set, val_set, model, plan, args, lr)
+        describe(world, train_set, val_set, run, plan, args, lr)
         if position.step:
             print(f"resuming at step {position.step} of {total_steps} (epoch {position.epoch + 1}, batch {position.batch})")
     metrics = Metrics(out / METRICS, world.main, position.metrics_lines)
@@ -387,12 +549,12 @@ def train(args: argparse.Namespace) -> Pipeline:
     def checkpoint() -> None:
         position.metrics_lines = metrics.lines
         if world.main:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, position, trajectory)
+            save_checkpoint(ckpt_path, adapter, optimizer, scheduler, scaler, position, trajectory)
         saved_step[:] = [position.step]
 
     def run_eval() -> None:
         if val_set.examples:
-            loss = evaluate(model, val_set.examples, args.batch_size, tokenizer.pad_id, world)
+            loss = evaluate(run, val_set.examples, args.batch_size, tokenizer.pad_id, world)
             metrics.write(step=position.step, epoch=position.epoch, eval_loss=loss)
             if world.main:
                 tqdm.write(f"step {position.step}: eval loss {loss:.4f}")
@@ -406,7 +568,9 @@ def train(args: argparse.Namespace) -> Pipeline:
             batches = plan.epoch(position.epoch)
             while position.batch < len(batches):
                 group = batches[position.batch : position.batch + args.accum_steps]
-                loss_sum, n_targets = accumulate(model, examples, group, tokenizer.pad_id, scaler, world, args.grad_checkpointing)
+                loss_sum, n_targets = accumulate(
+                    run, examples, group, tokenizer.pad_id, scaler, world, args.grad_checkpointing, position.epoch
+                )
                 step_loss = loss_sum / n_targets
                 if not math.isfinite(step_loss):
                     kept = f"the last checkpoint, {ckpt_path} (step {saved_step[0]}), is kept" if saved_step else "no checkpoint exists"
@@ -444,14 +608,16 @@ def train(args: argparse.Namespace) -> Pipeline:
                     bar.close()
                     if world.main:
                         print(f"stopped after step {position.step} as asked; continue with --resume")
+                    serving_dtypes(pipe)
                     return pipe
             position.epoch, position.batch = position.epoch + 1, 0
             run_eval()
             checkpoint()
     if world.main:
         training_args = vars(args) | {"lr": lr, "effective_batch": effective, "world_size": world.world_size}
-        path = save_adapter(out / ADAPTER, model.adapter_parameters(), model.adapter, model.args, training_args)
+        path = save_adapter(out / ADAPTER, adapter, model.adapter, model.args, training_args)
         print(f"wrote {path}")
+    serving_dtypes(pipe)
     return pipe
 
 

@@ -11,8 +11,10 @@ Module and parameter names are the official ones, so V2 checkpoints load by name
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,21 +29,28 @@ if TYPE_CHECKING:
     from open_clip.transformer import VisionTransformer
 
 
+# The official V2 training augmentation: RandomResizedCrop over 90-100% of the area (bicubic, aspect 3/4-4/3).
+TRAIN_CROP_SCALE = (0.9, 1.0)
+
+
 class ImageTransform:
-    """CLIP's inference preprocessing (open_clip's own transform) after :func:`load_image`.
+    """CLIP's preprocessing (open_clip's own transform) after :func:`load_image`.
 
     For the OpenAI models: resize the short side to 224 (bicubic), center crop 224, CLIP mean/std.
+    With ``train`` it is open_clip's training transform instead, as the official V2 training
+    uses it: a random resized crop of 90-100% of the image (bicubic) to 224, then CLIP mean/std.
     Converting to RGB comes first, so P, CMYK and RGBA images are resized as the colours they show.
     """
 
-    def __init__(self, preprocess_cfg: Mapping[str, Any]) -> None:
+    def __init__(self, preprocess_cfg: Mapping[str, Any], train: bool = False) -> None:
         import open_clip
 
         cfg = dict(preprocess_cfg)
         self.cfg = cfg
         self.transform = open_clip.image_transform(
             cfg["size"],
-            is_train=False,
+            is_train=train,
+            aug_cfg={"scale": TRAIN_CROP_SCALE} if train else None,
             mean=cfg.get("mean"),
             std=cfg.get("std"),
             resize_mode=cfg.get("resize_mode"),
@@ -77,6 +86,39 @@ class ClipSpec:
     @classmethod
     def of(cls, visual: VisualConfig) -> ClipSpec:
         return cls(visual.clip_model, visual.clip_pretrained)
+
+
+_LOCAL_DIR, _HF_HUB = "local-dir:", "hf-hub:"
+_OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+def clip_output_dim(spec: ClipSpec) -> int:
+    """Width of CLIP's output tokens (after ``proj``), read from the model config without building the model."""
+    import open_clip
+
+    if spec.config is not None:
+        cfg: Mapping[str, Any] | None = spec.config
+    elif spec.model.startswith((_LOCAL_DIR, _HF_HUB)):
+        cfg = json.loads(_config_file(spec.model).read_text())["model_cfg"]
+    else:
+        cfg = open_clip.get_model_config(spec.model)
+    if cfg is None or "embed_dim" not in cfg:
+        raise ResolveError(f"open_clip knows no model {spec.model!r}; see open_clip.list_models() or pass local-dir:/path")
+    return int(cfg["embed_dim"])
+
+
+def _config_file(model: str) -> Path:
+    if model.startswith(_LOCAL_DIR):
+        path = Path(model.removeprefix(_LOCAL_DIR)) / _OPEN_CLIP_CONFIG
+        if not path.is_file():
+            raise ResolveError(f"{path} not found: a local-dir: CLIP is a folder with {_OPEN_CLIP_CONFIG} and its weights")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model.removeprefix(_HF_HUB), _OPEN_CLIP_CONFIG))
+    except Exception as e:  # network, missing repo or file: all mean the same to the user
+        raise ResolveError(f"could not get {_OPEN_CLIP_CONFIG} of CLIP {model!r}: {e}") from None
 
 
 def build_clip(spec: ClipSpec) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -145,7 +187,11 @@ class VisualEncoder(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Visual prompt [B, query_len, D] from normalised pixels [B, 3, H, W]."""
-        tokens = self.clip_proj_norm(self.clip_proj(self.clip_tokens(pixels)))
+        return self.adapt(self.clip_tokens(pixels))
+
+    def adapt(self, clip_tokens: Tensor) -> Tensor:
+        """The visual adapter alone: visual prompt [B, query_len, D] from CLIP's tokens (training runs CLIP under no_grad)."""
+        tokens = self.clip_proj_norm(self.clip_proj(clip_tokens))
         query = self.visual_query.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         x = torch.cat([query, tokens], dim=1)
         for block in self.visual_blocks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_adapter import AdapterConfig, ModelArgs, Transformer
 from llama_adapter.checkpoint import hf_to_meta_name, hf_to_meta_tensor
+from llama_adapter.data import Example
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+MAX_LEN = 512  # the paper's max sequence length
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,15 @@ def _keep_adapter_fp32(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (read + write, STREAM's convention)."""
+def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Bytes per second moved by a large tensor copy (read + write, STREAM's convention).
+
+    The median of several copies: on a shared VM a single copy is now and then twice as fast.
+    """
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * n_bytes / best
+    return 2 * n_bytes / statistics.median(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
@@ -140,3 +145,17 @@ def append_results(title: str, command: str, table: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with RESULTS.open("a") as f:
         f.write(f"\n## {title}\n\n- date: {stamp}\n- machine: {machine()}\n- command: `{command}`\n\n{table}\n")
+
+
+def alpaca_like(n: int, vocab: int, seed: int = 0) -> list[Example]:
+    """Random examples with an Alpaca-like length mix: template + instruction ~40-300 tokens, response
+    log-normal around 60 tokens, capped at MAX_LEN (the real Alpaca 52k is not downloadable here)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = (40 + torch.empty(n).log_normal_(3.2, 0.7, generator=g)).clamp(max=300).long()
+    response = torch.empty(n).log_normal_(4.1, 0.9, generator=g).clamp(min=2).long()
+    out = []
+    for p, r in zip(prompt.tolist(), response.tolist(), strict=True):
+        total = min(p + r + 2, MAX_LEN)  # BOS ... EOS
+        ids = torch.randint(3, vocab, (total,), generator=g)
+        out.append(Example(ids, min(p + 1, total - 1)))
+    return out

@@ -4,8 +4,9 @@
     python bench/gpu.py --small --device cpu    # the same code on a small config (a smoke run)
 
 Measures batch-1 decode tokens/s (eager and compiled) against the HBM bound (weight bytes per
-token over the copy bandwidth measured in the same run), prefill tokens/s, and int8 weight-only
-serving: peak memory and logit deviation from bf16 on the same weights.
+token over the copy bandwidth measured in the same run), prefill tokens/s, training tokens/s at the
+paper's recipe with the projected Alpaca 52k x 5 epochs time, and int8 weight-only serving: peak
+memory and logit deviation from bf16 on the same weights.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from common import append_results, weight_bytes_per_token
+from common import alpaca_like, append_results, weight_bytes_per_token
 
 from llama_adapter import AdapterConfig, ModelArgs, Transformer
+from llama_adapter.data import LengthGroupedBatches
 from llama_adapter.generation import Decoder
 from llama_adapter.loading import parse_dtype
 from llama_adapter.quantize import quantize_state, quantized_linear_names, swap_to_int8
+from llama_adapter.train import make_optimizer, summed_nll
 
+ALPACA_EXAMPLES = 52_002
 SHAPES = {
     "7b": (ModelArgs(max_seq_len=2048), AdapterConfig(adapter_len=10, adapter_layer=30)),
     "small": (ModelArgs(dim=512, n_layers=4, n_heads=8, max_seq_len=512), AdapterConfig(adapter_len=10, adapter_layer=2)),
@@ -96,6 +100,36 @@ def prefill_rate(model: Transformer, batch: int, length: int, device: torch.devi
     return batch * length / seconds
 
 
+def training_rate(model: Transformer, batch_size: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """The project's training step at the paper's recipe (frozen bf16 base, fp32 adapter, AdamW) on
+    length-grouped Alpaca-like batches: (useful tokens/s, mean tokens per example)."""
+    examples = alpaca_like(batch_size * (steps + 1) * 8, model.args.vocab_size)
+    lengths = [e.input_len for e in examples]
+    batches = LengthGroupedBatches(lengths, batch_size, seed=0, group_batches=8).epoch(0)[: steps + 1]
+    params = model.adapter_parameters()
+    for p in params.values():
+        p.requires_grad_(True)
+    model.train()
+    optimizer = make_optimizer(params, lr=9e-3 * batch_size / 256, weight_decay=0.02)
+
+    def step(batch: list[int]) -> int:
+        chosen = [examples[i] for i in batch]
+        loss = summed_nll(model, chosen, 0, device, recompute=False) / sum(e.n_targets for e in chosen)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(e.input_len for e in chosen)
+
+    step(batches[0])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    tokens = sum(step(b) for b in batches[1:])
+    sync(device)
+    seconds = time.perf_counter() - start
+    model.eval().requires_grad_(False)
+    return tokens / seconds, sum(lengths) / len(lengths)
+
+
 def logit_deviation(a: Transformer, b: Transformer, device: torch.device) -> tuple[float, float]:
     tokens = torch.randint(3, a.args.vocab_size, (1, 128), device=device, generator=torch.Generator(device).manual_seed(1))
     with torch.inference_mode():
@@ -112,6 +146,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--train-batch", type=int, default=32, help="the paper's effective batch (4 per GPU x 8 GPUs)")
+    p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
@@ -132,6 +168,13 @@ def main() -> None:
         rows.append((f"{args.dtype} decode, batch 1, {label}", f"{rate:.1f} tok/s ({rate / bound:.0%} of bound), TTFT {ttft * 1e3:.1f} ms"))
     for batch, length in ((1, min(1024, model.args.max_seq_len // 2)), (8, min(512, model.args.max_seq_len // 2))):
         rows.append((f"prefill, {batch} x {length} tokens", f"{prefill_rate(model, batch, length, device):,.0f} tok/s"))
+
+    rate, mean_len = training_rate(model, args.train_batch, args.train_steps, device)
+    hours = ALPACA_EXAMPLES * 5 * mean_len / rate / 3600
+    adapter = SHAPES[shape][1]
+    label = f"training, adapter {adapter.adapter_len} x {adapter.adapter_layer}, batch {args.train_batch}, Alpaca-like lengths"
+    rows.append((label, f"{rate:,.0f} useful tok/s"))
+    rows.append((f"projected Alpaca {ALPACA_EXAMPLES:,} x 5 epochs on this device", f"{hours:.2f} h"))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

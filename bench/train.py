@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import BenchConfig, add_peft_adapter, append_results, make_hf_llama, ours_from_hf
+from common import MAX_LEN, BenchConfig, add_peft_adapter, alpaca_like, append_results, make_hf_llama, ours_from_hf
 
 from llama_adapter.data import IGNORE_INDEX, Example, LengthGroupedBatches, padding_efficiency
 from llama_adapter.train import make_optimizer, summed_nll
@@ -29,19 +29,6 @@ CONFIGS = {
     "d512": BenchConfig("d512 / 8 layers / 8 heads", 512, 8, 8),
     "d1024": BenchConfig("d1024 / 8 layers / 16 heads", 1024, 8, 16),
 }
-MAX_LEN = 512
-
-
-def alpaca_like(n: int, vocab: int, seed: int = 0) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    prompt = (40 + torch.empty(n).log_normal_(3.2, 0.7, generator=g)).clamp(max=300).long()
-    response = torch.empty(n).log_normal_(4.1, 0.9, generator=g).clamp(min=2).long()
-    out = []
-    for p, r in zip(prompt.tolist(), response.tolist(), strict=True):
-        total = min(p + r + 2, MAX_LEN)  # BOS ... EOS
-        ids = torch.randint(3, vocab, (total,), generator=g)
-        out.append(Example(ids, min(p + 1, total - 1)))
-    return out
 
 
 def hf_batch(examples: list[Example], width: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -61,17 +62,23 @@ def _corpus(rng: random.Random, lines: int = 2000) -> list[str]:
     return text + _TEMPLATE_LINES * 20
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = TINY_ARGS.vocab_size) -> Path:
+def train_tokenizer(
+    out_dir: Path, vocab_size: int = TINY_ARGS.vocab_size, lines: Iterable[str] | None = None, character_coverage: float = 1.0
+) -> Path:
     """A BPE sentencepiece model set up like LLaMA's: special ids unk 0, bos 1, eos 2, no pad; byte fallback,
-    split digits, identity normalisation that keeps every space (decoding depends on it)."""
+    split digits, identity normalisation that keeps every space (decoding depends on it).
+
+    ``lines``: the training text (default: the tiny model's word corpus).  A ``character_coverage``
+    below 1 leaves rare characters to byte-fallback pieces.
+    """
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(random.Random(SEED))),
+        sentence_iterator=iter(lines if lines is not None else _corpus(random.Random(SEED))),
         model_prefix=str(out_dir / "tokenizer"),
         model_type="bpe",
         vocab_size=vocab_size,
         byte_fallback=True,
         split_digits=True,
-        character_coverage=1.0,
+        character_coverage=character_coverage,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,

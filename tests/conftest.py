@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
+
+from llama_adapter.tiny import train_tokenizer
 
 VOCAB = 384
 WORDS = (
@@ -44,27 +45,9 @@ def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BPE model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) and byte fallback."""
-    out = tmp_path_factory.mktemp("tokenizer")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines()),
-        model_prefix=str(out / "tok"),
-        model_type="bpe",
-        vocab_size=VOCAB,
-        character_coverage=0.99,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return out / "tok.model"
+    """A BPE model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) and byte fallback; rare characters
+    (emoji, CJK) are left to byte pieces."""
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"), VOCAB, corpus_lines(), character_coverage=0.99)
 
 
 def hf_config(**overrides: object) -> dict[str, object]:
@@ -212,3 +195,17 @@ def app_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.stop()
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run fastest single-threaded, and other test runs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

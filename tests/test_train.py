@@ -30,6 +30,8 @@ from llama_adapter.data import (
 )
 from llama_adapter.train import lr_factor, main, parse_args, summed_nll, train
 
+from .conftest import write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 FILLER = "the a of to in is it that was for on are as with his they at be this from have or one had by".split()
 # A synthetic instruction task: the instruction names a topic somewhere among filler words; the response is the topic's sentence.
@@ -52,18 +54,7 @@ def task_records(n: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest single-threaded, and other test runs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from llama_adapter.train import main, parse_args, summed_nll, train
 from llama_adapter.train_visual import ImageFeeder, trains_in_phase
 from llama_adapter.visual import build_clip
 
+from .conftest import write_jsonl
 from .test_multimodal import write_clip_dir
 
 # The caption names the picture's colour (in words the tiny tokenizer knows): only the image can tell which.
@@ -28,23 +29,13 @@ CAPTIONS = {"red": "the water.", "green": "one oil.", "blue": "a long day."}
 SHAPE = ("--adapter-len", 10, "--adapter-layer", 4, "--visual-dim", 32, "--visual-depth", 1, "--visual-heads", 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_picture(colour: str, rng: np.random.Generator) -> Image.Image:
     width, height = rng.integers(120, 300, 2)
     pixels = np.array(COLOURS[colour]) + rng.normal(0, 20, (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def caption_data(root: Path, split: str, n: int, seed: int) -> Path:

@@ -352,11 +352,6 @@ class Pipeline:
     def max_seq_len(self) -> int:
         return self.model.args.max_seq_len
 
-    @property
-    def multimodal(self) -> bool:
-        """Whether ``image=`` is accepted."""
-        return self.visual is not None
-
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Everything an adapter file holds (for ``save_adapter``): the model's adapter parameters and,
         for multimodal models, the visual adapter's (CLIP excluded)."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .config import AdapterConfig, ModelArgs
+from .linear import Linear
 
 AdapterKV = tuple[Tensor, Tensor]
 
@@ -136,10 +137,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         bias = extras is not None and extras.bias
         lora_rank = extras.lora_rank if extras is not None else 0
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
         _zero_biases(self.wq, self.wo)
         self.gate: nn.Parameter | None = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if adapted else None
         # Official V2 ties new_gate (a scalar on the adapter branch, initialised to 1) to LoRA.
@@ -196,9 +197,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False, lora_rank: int = 0) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w1 = Linear(dim, hidden_dim, bias=bias)
+        self.w2 = Linear(hidden_dim, dim, bias=bias)
+        self.w3 = Linear(dim, hidden_dim, bias=bias)
         _zero_biases(self.w1, self.w2, self.w3)
         if lora_rank:
             add_lora(self, ("w1", "w2", "w3"), lora_rank)
@@ -232,7 +233,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i, adapter is not None and i >= first, adapter) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if adapter is not None:
             self.adapter_query = nn.Embedding(adapter.adapter_layer * adapter.adapter_len, args.dim)
         device = self.tok_embeddings.weight.device

@@ -4,7 +4,8 @@
 
 The data is a synthetic Alpaca-like length mix (template + instruction ~40-200 tokens,
 response log-normal around 60 tokens, capped at 512).  Compared, on useful (non-pad) tokens/s:
-  - ours: length-grouped batches, frozen layers below the adapter under no_grad, logits only on targets;
+  - ours: length-grouped batches, frozen layers below the adapter under no_grad, logits only on targets,
+    fp32 products on oneDNN (and once more on F.linear, torch's default kernel, to show that share);
   - peft + dynamic padding: random batches padded to their longest example (the usual HF collator);
   - peft + pad to 512: every example padded to 512 tokens, as the official training script does.
 Each runs in its own process, so its peak memory (max RSS) is its own.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from common import MAX_LEN, BenchConfig, add_peft_adapter, alpaca_like, append_results, make_hf_llama, ours_from_hf
 
+from llama_adapter import linear
 from llama_adapter.data import IGNORE_INDEX, Example, LengthGroupedBatches, padding_efficiency
 from llama_adapter.train import make_optimizer, summed_nll
 
@@ -48,7 +50,9 @@ def run(impl: str, cfg: BenchConfig, batch_size: int, steps: int, queue: mp.Queu
     torch.manual_seed(0)
     examples = alpaca_like(batch_size * (steps + 1) * 4, cfg.vocab_size)
     hf = add_peft_adapter(make_hf_llama(cfg, torch.float32), cfg)
-    if impl == "ours":
+    if impl.startswith("ours"):
+        # This process is the run's own (spawned), so switching the kernel here touches nothing else.
+        linear.ONEDNN_LINEAR = impl == "ours"
         model = ours_from_hf(hf, cfg, torch.float32, max_seq_len=MAX_LEN)
         del hf
         for p in model.adapter_parameters().values():
@@ -112,9 +116,14 @@ def main() -> None:
     args = p.parse_args()
     cfg = CONFIGS[args.config]
     ctx = mp.get_context("spawn")
-    names = {"ours": "llama_adapter (ours)", "peft": "HF + peft, dynamic padding", "pad512": "HF + peft, pad to 512 (official-style)"}
+    names = {
+        "ours": "llama_adapter (ours)",
+        "ours-flinear": "ours with F.linear (torch's default kernel)",
+        "peft": "HF + peft, dynamic padding",
+        "pad512": "HF + peft, pad to 512 (official-style)",
+    }
     results = {}
-    for impl in ("peft", "pad512", "ours"):
+    for impl in ("peft", "pad512", "ours-flinear", "ours"):
         queue = ctx.Queue()
         proc = ctx.Process(target=run, args=(impl, cfg, args.batch_size, args.steps, queue))
         proc.start()

@@ -149,8 +149,8 @@ class Decoder:
     def _take_cache(self, batch: int, length: int) -> KVCache:
         cache = self.cache_slot.take(self.model.args, batch, length, self.model.tok_embeddings.weight.dtype, self.model.rope_cos.device)
         if self._static_step is not None:  # CUDA graphs may then keep the cache in place
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for t in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(t)
         return cache
 
     @torch.inference_mode()

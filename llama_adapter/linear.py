@@ -6,9 +6,10 @@ all of a decode step, streams the weights at about half the memory bandwidth, an
 products run at about half oneDNN's speed.  oneDNN's linear (the kernel ``torch.compile``'s
 CPU backend uses for frozen weights) reaches the bandwidth.
 
-It has no autograd formula of its own, so a frozen weight gets one here (the input's gradient
-is another oneDNN product, with the weight transposed); a trainable weight, autocast and
-anything being traced by the compiler keep ``F.linear``.
+The kernel is wrapped as a custom op with its own gradients, all three of them products on
+the same kernel, so that eager code, autograd and ``torch.compile`` (which would otherwise
+lower an fp32 CPU linear to MKL again) all take it.  Other dtypes, other devices and autocast
+keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -22,39 +23,48 @@ from torch import Tensor, nn
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) on oneDNN; strided operands are accepted as they are."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class _FrozenWeightLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _onednn(x, weight, bias)
+@torch.library.custom_op("llama_adapter::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _product(x, weight, bias)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[1])
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-        (weight,) = ctx.saved_tensors
-        grad_x = _onednn(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
+    x, weight, _ = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _product(grad, weight.t())
+    if ctx.needs_input_grad[1]:
+        grad_weight = _product(grad.flatten(0, -2).t(), x.flatten(0, -2).t())
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad.flatten(0, -2).sum(0)
+    return grad_x, grad_weight, grad_bias
+
+
+onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        fast = (
+        if (
             ONEDNN_LINEAR
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        )
-        grad = torch.is_grad_enabled()
-        if not fast or (grad and self.weight.requires_grad):
-            return F.linear(x, self.weight, self.bias)
-        if grad and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return _FrozenWeightLinear.apply(x, self.weight, self.bias)
-        return _onednn(x, self.weight, self.bias)
+        ):
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -59,37 +59,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """A preallocated cache for every layer: k, v of shape [n_layers, batch, kv_heads, max_len, head_dim]."""
+    """A preallocated cache: per layer, k and v of shape [batch, kv_heads, max_len, head_dim].
+
+    One tensor per layer, not one stacked tensor: a compiled step writes into a layer's cache in
+    place, while a write into a slice of a stacked graph input makes the compiler copy all of it.
+    """
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (args.n_layers, batch, args.kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, args.kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
-        return batch <= self.batch and length <= self.max_len and self.k.dtype == dtype and self.k.device == device
+        return batch <= self.batch and length <= self.max_len and self.k[0].dtype == dtype and self.k[0].device == device
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, kv_heads, T, hd] at positions start..start+T; return all keys/values so far."""
         b, end = k.shape[0], start + k.shape[2]
-        self.k[layer, :b, :, start:end] = k
-        self.v[layer, :b, :, start:end] = v
-        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
+        self.k[layer][:b, :, start:end] = k
+        self.v[layer][:b, :, start:end] = v
+        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
 
     def update_at(self, layer: int, index: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Static-shape variant for compiled decoding: write at the positions in ``index``, return the whole cache."""
         b = k.shape[0]
-        self.k[layer, :b].index_copy_(2, index, k)
-        self.v[layer, :b].index_copy_(2, index, v)
-        return self.k[layer, :b], self.v[layer, :b]
+        self.k[layer][:b].index_copy_(2, index, k)
+        self.v[layer][:b].index_copy_(2, index, v)
+        return self.k[layer][:b], self.v[layer][:b]
 
 
 @dataclass

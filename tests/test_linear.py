@@ -62,12 +62,18 @@ def test_frozen_weight_backward_matches_f_linear() -> None:
     assert layer.weight.grad is None
 
 
-def test_trainable_weight_gets_its_gradient() -> None:
+def test_trainable_weight_gradients_match_f_linear() -> None:
     layer = frozen_linear()
     layer.weight.requires_grad_(True)
-    x = torch.randn(4, 96)
-    layer(x).sum().backward()
-    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(80, -1), rtol=1e-5, atol=1e-5)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    grad_out = torch.randn(2, 5, 80)
+    layer(x).backward(grad_out)
+
+    ref = [t.detach().clone().requires_grad_(True) for t in (x, layer.weight, layer.bias)]
+    F.linear(*ref).backward(grad_out)
+    for got, want in zip((x.grad, layer.weight.grad, layer.bias.grad), (r.grad for r in ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_is_honoured() -> None:
@@ -84,8 +90,8 @@ def test_other_dtypes_are_plain_linear() -> None:
 
 
 @needs_onednn
-def test_fp32_cpu_calls_take_onednn() -> None:
-    """Inference and the frozen-weight backward run on oneDNN; a trainable weight does not."""
+def test_fp32_cpu_products_take_onednn() -> None:
+    """The forward and exactly the gradients that are needed run on oneDNN."""
     layer = frozen_linear()
     x = torch.randn(1, 96)
     with torch.inference_mode():
@@ -95,7 +101,18 @@ def test_fp32_cpu_calls_take_onednn() -> None:
     assert onednn_calls(lambda: layer(xg).sum().backward()) == 2  # forward, and the input's gradient
 
     layer.weight.requires_grad_(True)
-    assert onednn_calls(lambda: layer(xg).sum().backward()) == 0
+    assert onednn_calls(lambda: layer(xg).sum().backward()) == 3
+
+
+@needs_onednn
+def test_compiled_graph_keeps_onednn() -> None:
+    """torch.compile would lower an fp32 CPU linear to MKL; the custom op keeps oneDNN, with the same values."""
+    layer = frozen_linear()
+    x = torch.randn(3, 96)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        assert onednn_calls(lambda: compiled(x)) == 1
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

@@ -12,6 +12,7 @@ memory and logit deviation from bf16 on the same weights.
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
 import time
@@ -57,8 +58,11 @@ def build(shape: str, dtype: torch.dtype, device: torch.device, quantize: bool, 
     with torch.device("meta"):
         model = Transformer(args, adapter)
     names = quantized_linear_names(model) if quantize else []
-    weights = random_weights(model, dtype, device, seed)
-    state = quantize_state(weights, names, dtype, device) if quantize else dict(weights)
+    adapter_names = set(model.adapter_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for name, t in random_weights(model, dtype, device, seed):
+        # One tensor at a time; the adapter stays in fp32 as load() keeps it.
+        state.update(quantize_state([(name, t)], names, dtype, device) if quantize and name not in adapter_names else {name: t})
     swap_to_int8(model, names, dtype)
     model.load_state_dict(state, assign=True)
     model.init_rope(device)
@@ -107,6 +111,7 @@ def training_rate(model: Transformer, batch_size: int, steps: int, device: torch
     lengths = [e.input_len for e in examples]
     batches = LengthGroupedBatches(lengths, batch_size, seed=0, group_batches=8).epoch(0)[: steps + 1]
     params = model.adapter_parameters()
+    initial = {n: p.detach().clone() for n, p in params.items()}  # restored below: later rows compare against this model
     for p in params.values():
         p.requires_grad_(True)
     model.train()
@@ -127,6 +132,9 @@ def training_rate(model: Transformer, batch_size: int, steps: int, device: torch
     sync(device)
     seconds = time.perf_counter() - start
     model.eval().requires_grad_(False)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(initial[n])
     return tokens / seconds, sum(lengths) / len(lengths)
 
 
@@ -176,17 +184,25 @@ def main() -> None:
     rows.append((label, f"{rate:,.0f} useful tok/s"))
     rows.append((f"projected Alpaca {ALPACA_EXAMPLES:,} x 5 epochs on this device", f"{hours:.2f} h"))
 
+    del decoder  # the compiled one holds its own cache (and a reference cycle)
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated()
     quant = build(shape, dtype, device, quantize=True)
+    if device.type == "cuda":
+        load_peak = torch.cuda.max_memory_allocated() - base_memory
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     decoder = Decoder(quant, 0)
     decode(decoder, prompt, 8, device)
     ttft, rate = decode(decoder, prompt, args.new_tokens, device)
     rows.append(("int8 decode, batch 1, eager", f"{rate:.1f} tok/s, TTFT {ttft * 1e3:.1f} ms"))
     if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_memory) / 2**30
-        rows.append(("int8 serving peak memory (weights + cache + activations)", f"{peak:.2f} GiB"))
+        peak = torch.cuda.max_memory_allocated() - base_memory
+        rows.append((f"int8 serving peak memory (weights + {model.args.max_seq_len}-token cache + activations)", f"{peak / 1e9:.2f} GB"))
+        rows.append(("int8 loading peak memory (weights + quantisation temporaries)", f"{load_peak / 1e9:.2f} GB"))
     worst, mean = logit_deviation(model, quant, device)
     rows.append((f"int8 logits vs {args.dtype} (max / mean relative deviation)", f"{worst:.2%} / {mean:.2%}"))
 

@@ -111,18 +111,33 @@ class CacheSlot:
         self._cache: KVCache | None = None
         self._busy = False
 
-    def take(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        if self._cache is not None and not self._busy and self._cache.fits(batch, length, dtype, device):
+    def take(
+        self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device: torch.device, exact_batch: bool = False
+    ) -> KVCache:
+        if self._cache is not None and not self._busy and self._cache.fits(batch, length, dtype, device, exact_batch):
             self._busy = True
             return self._cache
         cache = KVCache(args, batch, args.max_seq_len, dtype, device)
-        if not self._busy:  # keep the larger cache for later requests
+        if not self._busy:  # keep the newer (larger, or exactly sized) cache for later requests
             self._cache, self._busy = cache, True
         return cache
 
     def give_back(self, cache: KVCache) -> None:
         if cache is self._cache:
             self._busy = False
+
+
+def static_rows(batch: int) -> int:
+    """Rows of a compiled decode step: the batch padded to a power of two, so that a handful of
+    graphs serve every batch size (each new shape is a compilation, and a ninth one is refused)."""
+    return 1 << (batch - 1).bit_length()
+
+
+def _pad_rows(t: Tensor, rows: int, fill: bool | int) -> Tensor:
+    """``t`` [B, ...] with ``rows - B`` rows of ``fill`` appended (a broadcast [1, ...] stays as it is)."""
+    if t.shape[0] in (1, rows):
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
 
 
 class Decoder:
@@ -132,11 +147,14 @@ class Decoder:
         self.model = model
         self.pad_id = pad_id
         self.cache_slot = cache_slot or CacheSlot()
-        # Opt-in: the one-token decode step compiled with static shapes (CUDA graphs on GPU).
+        # Opt-in: the one-token decode step compiled with static shapes.  On GPU: CUDA graphs, and
+        # coordinate-descent tuning, without which inductor keeps an int8 weight's dequantisation
+        # apart from the GEMV instead of fusing the two.
         self._static_step = None
         if compile:
-            mode = "reduce-overhead" if model.rope_cos.device.type == "cuda" else None
-            self._static_step = torch.compile(self._decode_static, mode=mode, fullgraph=True, dynamic=False)
+            cuda = model.rope_cos.device.type == "cuda"
+            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if cuda else None
+            self._static_step = torch.compile(self._decode_static, options=options, fullgraph=True, dynamic=False)
 
     def _decode_static(
         self, tokens: Tensor, index: Tensor, pads: Tensor, key_ok: Tensor, cache: KVCache, adapter: Sequence[AdapterKV | None]
@@ -147,8 +165,12 @@ class Decoder:
         return self.model.forward_cached(tokens, positions, CacheStep(cache, 0, mask, index), adapter)
 
     def _take_cache(self, batch: int, length: int) -> KVCache:
-        cache = self.cache_slot.take(self.model.args, batch, length, self.model.tok_embeddings.weight.dtype, self.model.rope_cos.device)
-        if self._static_step is not None:  # CUDA graphs may then keep the cache in place
+        model = self.model
+        static = self._static_step is not None
+        # A compiled step must own every row of its cache: a write into the first rows of a larger
+        # cache is compiled into a copy of all of it.
+        cache = self.cache_slot.take(model.args, batch, length, model.tok_embeddings.weight.dtype, model.rope_cos.device, static)
+        if static:  # CUDA graphs may then keep the cache in place
             for t in (*cache.k, *cache.v):
                 torch._dynamo.mark_static_address(t)
         return cache
@@ -178,7 +200,8 @@ class Decoder:
         pads = torch.tensor([width - n for n in lengths], device=device)
         tokens = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
         adapter: list[AdapterKV | None] = model.adapter_kv(visual_prompt)
-        cache = self._take_cache(batch, width + n_new - 1)
+        rows = static_rows(batch) if self._static_step is not None else batch
+        cache = self._take_cache(rows, width + n_new - 1)
         try:
             positions = (torch.arange(width, device=device)[None] - pads[:, None]).clamp(min=0)
             key_ok = torch.arange(cache.max_len, device=device)[None] >= pads[:, None]  # [B, S]
@@ -190,7 +213,11 @@ class Decoder:
                 mask = (causal & key_ok[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
                 mask = mask[:, None]
             logits = model.forward_cached(tokens, positions, CacheStep(cache, 0, mask), adapter)
-            index = torch.tensor([width], device=device)
+            if self._static_step is not None:  # padding rows: pad tokens, attending to everything
+                step_tokens = torch.full((rows, 1), self.pad_id, device=device)
+                static_pads, static_key_ok = _pad_rows(pads, rows, 0), _pad_rows(key_ok, rows, True)
+                static_adapter = [None if a is None else (_pad_rows(a[0], rows, 0), _pad_rows(a[1], rows, 0)) for a in adapter]
+                index = torch.tensor([width], device=device)
             for cur in range(width, width + n_new):
                 next_tokens = sample(logits, temperature, top_p, generator)
                 yield next_tokens.tolist()
@@ -198,7 +225,8 @@ class Decoder:
                     break
                 tokens = next_tokens[:, None]
                 if self._static_step is not None:
-                    logits = self._static_step(tokens, index, pads, key_ok, cache, adapter)
+                    step_tokens[:batch] = tokens
+                    logits = self._static_step(step_tokens, index, static_pads, static_key_ok, cache, static_adapter)[:batch]
                     index += 1
                 else:
                     step = CacheStep(cache, cur, key_ok[:, None, None, : cur + 1] if padded else None)

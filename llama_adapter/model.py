@@ -78,8 +78,9 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
-        return batch <= self.batch and length <= self.max_len and self.k[0].dtype == dtype and self.k[0].device == device
+    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device, exact_batch: bool = False) -> bool:
+        batch_ok = batch == self.batch if exact_batch else batch <= self.batch
+        return batch_ok and length <= self.max_len and self.k[0].dtype == dtype and self.k[0].device == device
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, kv_heads, T, hd] at positions start..start+T; return all keys/values so far."""

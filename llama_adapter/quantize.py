@@ -1,8 +1,10 @@
 """Weight-only int8 serving: per-output-channel symmetric scales; activations stay in the model dtype.
 
 A 7B model then holds about 6.7 GB of weights instead of 13.5 GB.  On CUDA the dequantisation
-is a plain ``weight.to(dtype)`` before the matmul, which ``torch.compile`` fuses into the GEMV;
-on CPU torch's ``_weight_int8pack_mm`` kernel avoids materialising the dequantised weight.
+is a plain ``weight.to(dtype)`` before the matmul: eager decoding materialises each dequantised
+matrix for its call, while the compiled step (``--compile``, whose coordinate-descent tuning lets
+inductor turn a one-row matmul into a fusable reduction) fuses it into the GEMV.  On CPU torch's
+``_weight_int8pack_mm`` kernel avoids materialising the dequantised weight.
 """
 
 from __future__ import annotations

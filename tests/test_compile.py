@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llama_adapter
+from llama_adapter.generation import static_rows
 
 from .test_model import adapted_copy
 
@@ -29,7 +30,7 @@ def light_compile(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
 def test_compiled_decode_equals_eager(light_compile: list[dict], hf_dir: Path, pipe) -> None:
     compiled = llama_adapter.load(hf_dir, device="cpu", dtype="fp32", compile=True)
-    assert light_compile == [{"mode": None, "fullgraph": True, "dynamic": False}]
+    assert light_compile == [{"options": None, "fullgraph": True, "dynamic": False}]
     for prompt in ["the water", "which way do they go now"]:
         expected = "".join(pipe.stream(prompt, max_new_tokens=24, temperature=0))
         assert "".join(compiled.stream(prompt, max_new_tokens=24, temperature=0)) == expected
@@ -45,3 +46,15 @@ def test_compiled_decode_with_adapter_matches_eager_logits(light_compile: list[d
         a = eager.stream("the people", max_new_tokens=16, temperature=0.8, seed=seed)
         b = compiled.stream("the people", max_new_tokens=16, temperature=0.8, seed=seed)
         assert "".join(a) == "".join(b) and a.generated_ids == b.generated_ids
+
+
+def test_compiled_decode_serves_every_batch_size(light_compile: list[dict], pipe) -> None:
+    """Batches are padded to a power of two: nine sizes compile five graphs (a ninth graph would be refused),
+    and each batch decodes as the eager path does, also after a larger batch took the cache."""
+    compiled = llama_adapter.Pipeline(pipe.model, pipe.tokenizer, compile=True)
+    words = ["the water", "a long time ago", "write", "which way do they go now", "people"]
+    for batch in [9, *range(1, 9)]:
+        prompts = [words[i % len(words)] for i in range(batch)]
+        expected = pipe.generate(prompts, max_new_tokens=3, temperature=0)
+        assert compiled.generate(prompts, max_new_tokens=3, temperature=0) == expected, batch
+    assert [static_rows(b) for b in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]

@@ -3,8 +3,7 @@
 PyTorch sends fp32 CPU matmuls to MKL, and MKL takes a generic code path on AMD processors
 (this project's development and CI machines among them): its matrix-vector product, nearly
 all of a decode step, streams the weights at about half the memory bandwidth, and its matrix
-products run at about half oneDNN's speed.  oneDNN's linear (the kernel ``torch.compile``'s
-CPU backend uses for frozen weights) reaches the bandwidth.
+products run at about half oneDNN's speed.  oneDNN's linear reaches the bandwidth.
 
 The kernel is wrapped as a custom op with its own gradients, all three of them products on
 the same kernel, so that eager code, autograd and ``torch.compile`` (which would otherwise

@@ -26,9 +26,11 @@ import gradio as gr
 import torch
 
 import llama_adapter
-from llama_adapter import CheckpointError, Pipeline, PromptTruncatedWarning, ResolveError
-from llama_adapter.images import ImageError, load_image
-from llama_adapter.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
+from llama_adapter import ImageError, Pipeline, PromptTruncatedWarning
+from llama_adapter.errors import USER_ERRORS, user_message
+from llama_adapter.inputs.images import load_image
+from llama_adapter.inputs.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
+from llama_adapter.options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, one_of
 from llama_adapter.tiny import load_tiny, load_tiny_captioner
 
 # The public LLaMA-7B (Hugging Face layout, safetensors) and the official instruction adapter.
@@ -41,7 +43,6 @@ MODEL_GROUP = "model"  # the concurrency group of every event that runs the mode
 QUEUE_SIZE = 64
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
-DEFAULTS = {"temperature": 0.1, "top_p": 0.75, "max_new_tokens": 256}
 CHAT_EXAMPLES = [
     "Tell me about alpacas.",
     "Write a short poem about the moon.",
@@ -109,8 +110,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         f"[{ENV_VARS['caption_adapter']}]",
     )
     p.add_argument("--device", help=f"cpu or cuda (default: cuda when available) [{ENV_VARS['device']}]")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=f"default: bf16 on GPU, fp32 on CPU [{ENV_VARS['dtype']}]")
-    p.add_argument("--quantize", choices=["int8"], help=f"weight-only int8 serving: 7B in about 8 GB [{ENV_VARS['quantize']}]")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"default: bf16 on GPU, fp32 on CPU [{ENV_VARS['dtype']}]")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=f"weight-only int8 serving: 7B in about 8 GB [{ENV_VARS['quantize']}]")
     p.add_argument(
         "--compile", action="store_true", default=None, help=f"compile the decode step (CUDA graphs on GPU) [{ENV_VARS['compile']}=1]"
     )
@@ -135,11 +136,11 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     adapter = pick("adapter") or DEFAULT_ADAPTER
     caption_adapter = pick("caption_adapter") or DEFAULT_CAPTION_ADAPTER
     dtype = pick("dtype")
-    if dtype is not None and dtype not in ("fp32", "bf16", "fp16"):
-        p.error(f"{ENV_VARS['dtype']}={dtype!r}: use fp32, bf16 or fp16")
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        p.error(f"{ENV_VARS['dtype']}={dtype!r}: use {one_of(DTYPE_CHOICES)}")
     quantize = pick("quantize")
-    if quantize is not None and quantize != "int8":
-        p.error(f"{ENV_VARS['quantize']}={quantize!r}: the one mode is int8")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        p.error(f"{ENV_VARS['quantize']}={quantize!r}: use {one_of(QUANTIZE_MODES)}")
     return Settings(
         base=pick("base") or DEFAULT_BASE,
         adapter=optional(adapter),
@@ -175,13 +176,13 @@ def load_models(s: Settings) -> Models:
     caption = None
     if s.caption_adapter:
         print(f"Loading the image model: {s.caption_adapter} on the same base...", flush=True)
-        caption = llama_adapter.load(chat, s.caption_adapter)  # shares the base weights: no second copy
+        caption = chat.with_adapter(s.caption_adapter)  # shares the base weights: no second copy
     return Models(chat, caption, tiny=False)
 
 
 def startup_error(err: Exception) -> str:
     return (
-        f"error: the model could not be loaded.\n{err}\n\n"
+        f"error: the model could not be loaded.\n{user_message(err)}\n\n"
         "To try the app without any download:    python app.py --tiny\n"
         "To use weights already on this machine:  python app.py --base /path/to/llama-7b --adapter /path/to/adapter.pth"
     )
@@ -260,8 +261,8 @@ def model_panel(models: Models) -> str:
     chat = models.chat
     rows = [
         ("Base", chat.base),
-        ("Chat adapter", chat.adapter or "none"),
-        ("Caption adapter", models.caption.adapter if models.caption else "none (no image model loaded)"),
+        ("Chat adapter", chat.adapter_name or "none"),
+        ("Caption adapter", models.caption.adapter_name if models.caption else "none (no image model loaded)"),
         ("Device", str(chat.device)),
         ("Dtype", str(chat.dtype).removeprefix("torch.")),
         ("Context", f"{chat.max_seq_len} tokens"),
@@ -379,9 +380,9 @@ def build_demo(models: Models) -> gr.Blocks:
                         )
             with gr.Column(scale=1, min_width=260):
                 with gr.Accordion("Generation settings", open=True):
-                    max_new_tokens = gr.Slider(1, limit, value=min(DEFAULTS["max_new_tokens"], limit), step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(1, limit, value=min(SAMPLING.max_new_tokens, limit), step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=SAMPLING.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=SAMPLING.top_p, step=0.05, label="Top-p")
                 with gr.Accordion("Model", open=True):
                     gr.HTML(model_panel(models), elem_id="model-panel")
 
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         models = load_models(settings)
-    except (ResolveError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(startup_error(e), file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:

@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_adapter import AdapterConfig, ModelArgs, Transformer
-from llama_adapter.checkpoint import hf_to_meta_name, hf_to_meta_tensor
-from llama_adapter.data import Example
+from llama_adapter import AdapterConfig, ModelConfig, Transformer
+from llama_adapter.model.build import build_model
+from llama_adapter.train.data import Example
+from llama_adapter.weights.base import hf_to_meta_name, hf_to_meta_tensor
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MAX_LEN = 512  # the paper's max sequence length
@@ -33,8 +34,8 @@ class BenchConfig:
     adapter_len: int = 10
     adapter_layer: int | None = None  # default: every layer
 
-    def model_args(self, max_seq_len: int = 1024) -> ModelArgs:
-        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size, max_seq_len=max_seq_len)
+    def model_args(self, max_seq_len: int = 1024) -> ModelConfig:
+        return ModelConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size, max_seq_len=max_seq_len)
 
     @property
     def adapted_layers(self) -> int:
@@ -99,18 +100,7 @@ def ours_from_hf(hf_model, cfg: BenchConfig, dtype: torch.dtype, max_seq_len: in
         state["adapter_query.weight"] = torch.cat([prompts[i][0] for i in layers]).float()
         for i in layers:
             state[f"layers.{i}.attention.gate"] = gates[i].float().reshape(1, 1, 1, 1).expand(1, cfg.n_heads, 1, 1).clone()
-    with torch.device("meta"):
-        model = Transformer(args, adapter)
-    model.load_state_dict(state, assign=True)
-    model.init_rope("cpu")
-    return model.to(dtype=dtype).eval().requires_grad_(False) if adapter is None else _keep_adapter_fp32(model, dtype)
-
-
-def _keep_adapter_fp32(model: Transformer, dtype: torch.dtype) -> Transformer:
-    adapter = {n: p.detach().clone() for n, p in model.adapter_parameters().items()}
-    model.to(dtype=dtype)
-    model.load_state_dict(adapter, strict=False, assign=True)
-    return model.eval().requires_grad_(False)
+    return build_model(args, adapter, state.items(), dtype=dtype, device=torch.device("cpu"))
 
 
 def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:

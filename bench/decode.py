@@ -18,9 +18,9 @@ from contextlib import contextmanager
 import torch
 from common import BenchConfig, add_peft_adapter, append_results, copy_bandwidth, make_hf_llama, ours_from_hf, weight_bytes_per_token
 
-from llama_adapter import linear
-from llama_adapter.generation import Decoder
-from llama_adapter.loading import parse_dtype
+from llama_adapter.model import linear
+from llama_adapter.options import parse_dtype
+from llama_adapter.serve.engine import Decoder
 
 CONFIGS = {
     "d1024": BenchConfig("d1024 / 8 layers / 16 heads", 1024, 8, 16),

@@ -21,17 +21,19 @@ from collections.abc import Callable, Iterator
 import torch
 from common import alpaca_like, append_results, weight_bytes_per_token
 
-from llama_adapter import AdapterConfig, ModelArgs, Transformer
-from llama_adapter.data import LengthGroupedBatches
-from llama_adapter.generation import Decoder
-from llama_adapter.loading import parse_dtype
-from llama_adapter.quantize import quantize_state, quantized_linear_names, swap_to_int8
+from llama_adapter import AdapterConfig, ModelConfig, Transformer
+from llama_adapter.model.build import build_model, meta_model
+from llama_adapter.model.quantize import quantized_linear_names
+from llama_adapter.options import parse_dtype
+from llama_adapter.roles import Role, role_of
+from llama_adapter.serve.engine import Decoder
 from llama_adapter.train import make_optimizer, summed_nll
+from llama_adapter.train.data import LengthGroupedBatches
 
 ALPACA_EXAMPLES = 52_002
 SHAPES = {
-    "7b": (ModelArgs(max_seq_len=2048), AdapterConfig(adapter_len=10, adapter_layer=30)),
-    "small": (ModelArgs(dim=512, n_layers=4, n_heads=8, max_seq_len=512), AdapterConfig(adapter_len=10, adapter_layer=2)),
+    "7b": (ModelConfig(max_seq_len=2048), AdapterConfig(adapter_len=10, adapter_layer=30)),
+    "small": (ModelConfig(dim=512, n_layers=4, n_heads=8, max_seq_len=512), AdapterConfig(adapter_len=10, adapter_layer=2)),
 }
 
 
@@ -40,33 +42,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def random_weights(model: Transformer, dtype: torch.dtype, device: torch.device, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Deterministic random tensors, one at a time (the same seed gives the same model in any dtype)."""
+def random_weights(model: Transformer, device: torch.device, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Deterministic random fp32 tensors, one at a time (the same seed gives the same model in any dtype)."""
     for i, (name, meta) in enumerate(model.state_dict().items()):
         g = torch.Generator(device).manual_seed(seed + i)
-        if name.endswith("norm.weight"):
+        if role_of(name) is Role.NORM:
             t = torch.ones(meta.shape, device=device)
-        elif name.endswith(".gate"):
+        elif role_of(name) is Role.GATE:
             t = torch.rand(meta.shape, generator=g, device=device) * 0.5 + 0.25  # non-zero: the adapter is on
         else:
             t = torch.randn(meta.shape, generator=g, device=device) * 0.02
-        yield name, t.to(torch.float32 if name in model.adapter_parameters() else dtype)
+        yield name, t
 
 
 def build(shape: str, dtype: torch.dtype, device: torch.device, quantize: bool, seed: int = 0) -> Transformer:
+    """The model as load() assembles it, from random weights made one tensor at a time (quantized as they come)."""
     args, adapter = SHAPES[shape]
-    with torch.device("meta"):
-        model = Transformer(args, adapter)
-    names = quantized_linear_names(model) if quantize else []
-    adapter_names = set(model.adapter_parameters())
-    state: dict[str, torch.Tensor] = {}
-    for name, t in random_weights(model, dtype, device, seed):
-        # One tensor at a time; the adapter stays in fp32 as load() keeps it.
-        state.update(quantize_state([(name, t)], names, dtype, device) if quantize and name not in adapter_names else {name: t})
-    swap_to_int8(model, names, dtype)
-    model.load_state_dict(state, assign=True)
-    model.init_rope(device)
-    return model.eval().requires_grad_(False)
+    skeleton = meta_model(args, adapter, dtype)
+    int8 = quantized_linear_names(skeleton) if quantize else []
+    return build_model(args, adapter, random_weights(skeleton, device, seed), dtype=dtype, device=device, int8=int8)
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int) -> float:

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from common import MAX_LEN, BenchConfig, add_peft_adapter, alpaca_like, append_results, make_hf_llama, ours_from_hf
 
-from llama_adapter import linear
-from llama_adapter.data import IGNORE_INDEX, Example, LengthGroupedBatches, padding_efficiency
+from llama_adapter.model import linear
 from llama_adapter.train import make_optimizer, summed_nll
+from llama_adapter.train.data import IGNORE_INDEX, Example, LengthGroupedBatches, padding_efficiency
 
 CONFIGS = {
     "d512": BenchConfig("d512 / 8 layers / 8 heads", 512, 8, 8),

@@ -11,7 +11,7 @@ GateActivation = Literal["tanh", "identity"]
 
 
 @dataclass
-class ModelArgs:
+class ModelConfig:
     """Shape of a LLaMA base model (Meta naming)."""
 
     dim: int = 4096
@@ -54,7 +54,7 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_params_json(cls, path: str | Path, tokenizer_vocab: int | None = None, **overrides: Any) -> ModelArgs:
+    def from_params_json(cls, path: str | Path, tokenizer_vocab: int | None = None, **overrides: Any) -> ModelConfig:
         """Meta ``params.json``; its ``vocab_size`` of -1 (LLaMA-1) means the tokenizer's size."""
         params = json.loads(Path(path).read_text())
         known = {f for f in cls.__dataclass_fields__}
@@ -71,7 +71,7 @@ class ModelArgs:
         return cls(**{k: v for k, v in params.items() if k in known})
 
     @classmethod
-    def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelArgs:
+    def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         cfg = json.loads(Path(path).read_text())
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
@@ -99,6 +99,10 @@ class ModelArgs:
     def summary(self) -> dict[str, int]:
         """The dims an adapter depends on (stored in adapter metadata and checked on load)."""
         return {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.kv_heads}
+
+
+# The name this class had before 0.2 (kept for one release).
+ModelArgs = ModelConfig
 
 
 @dataclass
@@ -140,7 +144,6 @@ class AdapterConfig:
     adapter_layer: int = 30
     # tanh for adapters we train and the official V2 ones; identity for the official V1 release.
     gate_activation: GateActivation = "tanh"
-    prompt_template: str = "alpaca"
     bias: bool = False
     norm: bool = False
     lora_rank: int = 0

@@ -12,12 +12,11 @@ import warnings
 
 import torch
 
-from . import load
-from .checkpoint import CheckpointError
-from .generation import PromptTruncatedWarning
-from .hub import ResolveError
-from .images import ImageError
-from .prompts import caption_prompt, format_prompt
+from .errors import USER_ERRORS, user_message
+from .inputs.prompts import caption_prompt, format_prompt
+from .options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING
+from .serve.loading import load
+from .serve.pipeline import PromptTruncatedWarning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,15 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--caption", action="store_true", help="caption --image with the official caption prompt")
     p.add_argument("--input", help="optional input for --instruction")
     p.add_argument("--image", help="image file for a multimodal adapter (e.g. BIAS-7B, CAPTION-7B)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.1, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--max-new-tokens", type=int, default=SAMPLING.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=SAMPLING.temperature, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=SAMPLING.top_p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 serving (7B in about 8 GB)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight-only int8 serving (7B in about 8 GB)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU); the first request pays")
     args = p.parse_args(argv)
     if args.input is not None and args.instruction is None:
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()
-    except (ResolveError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; try --quantize int8, a smaller --max-seq-len, or --device cpu", file=sys.stderr)

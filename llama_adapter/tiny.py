@@ -17,13 +17,13 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from .checkpoint import save_adapter
-from .config import AdapterConfig, ModelArgs, VisualConfig
-from .generation import Pipeline
-from .loading import load
-from .visual import ClipSpec
+from .config import AdapterConfig, ModelConfig, VisualConfig
+from .model.visual import ClipSpec
+from .serve.loading import load
+from .serve.pipeline import Pipeline
+from .weights.adapter import save_adapter
 
-TINY_ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=2048)
+TINY_ARGS = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=2048)
 TINY_ADAPTER = AdapterConfig(adapter_len=4, adapter_layer=2, gate_activation="tanh")
 SEED = 0
 # A tiny random CLIP (224 px like ViT-L/14, 32 px patches) built by open_clip from this config: no download.
@@ -92,7 +92,7 @@ def train_tokenizer(
     return out_dir / "tokenizer.model"
 
 
-def _random_state(args: ModelArgs, muted: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _random_state(args: ModelConfig, muted: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Meta-named random weights.  Tokens in ``muted`` (EOS, specials, raw bytes) are made very unlikely,
     so that replies run their full length as readable word pieces instead of stopping at random."""
 
@@ -150,7 +150,7 @@ def load_tiny(device: str | torch.device | None = "cpu", dtype: str | torch.dtyp
     with tempfile.TemporaryDirectory(prefix="llama-adapter-tiny-") as tmp:
         base, adapter = write_tiny(Path(tmp))
         pipe = load(base, adapter, device=device, dtype=dtype, max_seq_len=TINY_ARGS.max_seq_len)
-    pipe.base, pipe.adapter = "tiny random LLaMA", "tiny random adapter"
+    pipe.base, pipe.adapter_name = "tiny random LLaMA", "tiny random adapter"
     return pipe
 
 
@@ -158,13 +158,13 @@ def load_tiny_captioner(chat: Pipeline) -> Pipeline:
     """A tiny random image model sharing ``chat``'s tiny base: tiny CLIP plus a multimodal adapter whose
     gates are non-zero (so the image changes the text), saved and loaded back through ``load()``."""
     torch.manual_seed(SEED)
-    fresh = load(chat, TINY_CAPTION_ADAPTER, clip=TINY_CLIP)
+    fresh = chat.with_adapter(TINY_CAPTION_ADAPTER, clip=TINY_CLIP)
     with torch.no_grad():
         for name, p in fresh.model.adapter_parameters().items():
             if name.endswith(".gate"):
                 p.normal_(0.0, 1.5)
     with tempfile.TemporaryDirectory(prefix="llama-adapter-tiny-") as tmp:
         path = save_adapter(Path(tmp) / "caption.safetensors", fresh.adapter_tensors(), TINY_CAPTION_ADAPTER, chat.model.args)
-        pipe = load(chat, path, clip=TINY_CLIP)
-    pipe.adapter = "tiny random image adapter"
+        pipe = chat.with_adapter(path, clip=TINY_CLIP)
+    pipe.adapter_name = "tiny random image adapter"
     return pipe

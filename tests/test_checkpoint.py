@@ -34,7 +34,7 @@ def test_official_v1_file_loads_with_raw_gate(tmp_path: Path, hf_dir: Path, pipe
     torch.save(state, path)
     loaded = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
     model = loaded.model
-    assert model.adapter == AdapterConfig(adapter_len=3, adapter_layer=2, gate_activation="identity")
+    assert model.adapter_config == AdapterConfig(adapter_len=3, adapter_layer=2, gate_activation="identity")
     for i in (2, 3):
         gate = model.state_dict()[f"layers.{i}.attention.gate"]
         assert gate.shape == (1, 4, 1, 1)
@@ -50,17 +50,19 @@ def test_official_v1_file_with_gates_in_every_layer(tmp_path: Path, hf_dir: Path
     path = tmp_path / "llama_adapter_len3_layer2_release.pth"
     torch.save(state, path)
     model = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32").model
-    assert model.adapter.adapter_layer == 2 and model.first_adapted_layer == 2
+    assert model.adapter_config.adapter_layer == 2 and model.first_adapted_layer == 2
     assert torch.equal(model.state_dict()["layers.3.attention.gate"], state["layers.3.attention.gate"])
 
 
 def test_own_format_round_trip(tmp_path: Path, hf_dir: Path, pipe) -> None:
     model = adapted_copy(pipe, "tanh", gate_scale=0.5)
-    path = save_adapter(tmp_path / "out" / "adapter.safetensors", model.adapter_parameters(), model.adapter, model.args, {"lr": 0.001})
+    path = save_adapter(
+        tmp_path / "out" / "adapter.safetensors", model.adapter_parameters(), model.adapter_config, model.args, {"lr": 0.001}
+    )
     read = read_adapter(path)
-    assert read.config == model.adapter
+    assert read.config == model.adapter_config
     assert read.metadata["format_version"] == "1"
-    assert read.base_dims() == model.args.summary()
+    assert read.base_dims == model.args.summary()
     assert json.loads(read.metadata["training_args"]) == {"lr": 0.001}
     for name, p in model.adapter_parameters().items():
         assert torch.equal(read.tensors[name], p.detach())
@@ -73,7 +75,7 @@ def test_own_format_round_trip(tmp_path: Path, hf_dir: Path, pipe) -> None:
 
 def test_adapter_loads_in_bf16(tmp_path: Path, hf_dir: Path, pipe) -> None:
     model = adapted_copy(pipe, "tanh", gate_scale=0.5)
-    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
     loaded = llama_adapter.load(hf_dir, path, device="cpu", dtype="bf16")
     assert loaded.dtype == torch.bfloat16
     tokens = tokens_for(pipe, SAMPLE[:1])
@@ -100,7 +102,7 @@ def test_wrong_shape_adapter_names_keys_and_shapes(tmp_path: Path, hf_dir: Path,
     model = adapted_copy(pipe, "tanh", gate_scale=0.5)
     tensors = {k: v.detach().clone() for k, v in model.adapter_parameters().items()}
     tensors["adapter_query.weight"] = torch.zeros(6, 32)
-    path = save_adapter(tmp_path / "bad.safetensors", tensors, model.adapter, model.args)
+    path = save_adapter(tmp_path / "bad.safetensors", tensors, model.adapter_config, model.args)
     with pytest.raises(CheckpointError, match=r"adapter_query.weight: checkpoint has shape \[6, 32\], model expects \[6, 64\]"):
         llama_adapter.load(hf_dir, path, device="cpu")
 
@@ -110,7 +112,7 @@ def test_unexpected_and_missing_adapter_keys_are_named(tmp_path: Path, hf_dir: P
     tensors = {k: v.detach().clone() for k, v in model.adapter_parameters().items()}
     del tensors["layers.3.attention.gate"]
     tensors["layers.3.attention.extra"] = torch.zeros(1)
-    path = save_adapter(tmp_path / "bad.safetensors", tensors, model.adapter, model.args)
+    path = save_adapter(tmp_path / "bad.safetensors", tensors, model.adapter_config, model.args)
     with pytest.raises(CheckpointError) as err:
         llama_adapter.load(hf_dir, path, device="cpu")
     assert "missing keys: layers.3.attention.gate" in str(err.value)
@@ -120,7 +122,7 @@ def test_unexpected_and_missing_adapter_keys_are_named(tmp_path: Path, hf_dir: P
 def test_adapter_for_another_base_is_refused(tmp_path: Path, hf_dir: Path, pipe) -> None:
     model = adapted_copy(pipe, "tanh", gate_scale=0.5)
     other = llama_adapter.ModelArgs(dim=64, n_layers=8, n_heads=4, vocab_size=384)
-    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, other)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, other)
     with pytest.raises(CheckpointError, match="trained for a base model with .*'n_layers': 8"):
         llama_adapter.load(hf_dir, path, device="cpu")
 
@@ -179,15 +181,24 @@ def test_unknown_dtype_is_refused(hf_dir: Path) -> None:
 
 def test_second_pipeline_shares_the_loaded_base(tmp_path: Path, hf_dir: Path, pipe) -> None:
     model = adapted_copy(pipe, "tanh", gate_scale=0.5)
-    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
-    shared = llama_adapter.load(pipe, path)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
+    shared = pipe.with_adapter(path)
     assert shared.model.layers[1].feed_forward.w1.weight.data_ptr() == pipe.model.layers[1].feed_forward.w1.weight.data_ptr()
     assert shared.cache_slot is pipe.cache_slot  # one KV cache for both: they serve one request at a time
+    assert shared.adapter_name == str(path)
     fresh = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
     tokens = tokens_for(pipe, SAMPLE)
     with torch.no_grad():
         assert torch.allclose(shared.model(tokens), fresh.model(tokens), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="cannot be converted to bf16"):
+
+
+def test_load_on_a_pipeline_is_a_deprecated_alias_of_with_adapter(tmp_path: Path, pipe) -> None:
+    model = adapted_copy(pipe, "tanh", gate_scale=0.5)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
+    with pytest.warns(DeprecationWarning, match="with_adapter"):
+        shared = llama_adapter.load(pipe, path)
+    assert shared.model.output.weight.data_ptr() == pipe.model.output.weight.data_ptr()
+    with pytest.raises(ValueError, match="cannot be converted to bf16"), pytest.warns(DeprecationWarning):
         llama_adapter.load(pipe, path, dtype="bf16")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llama_adapter
-from llama_adapter.generation import static_rows
+from llama_adapter.serve.engine import static_rows
 
 from .test_model import adapted_copy
 

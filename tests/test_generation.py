@@ -13,8 +13,8 @@ import torch
 
 import llama_adapter
 from llama_adapter import PromptTruncatedWarning, format_prompt, sample
-from llama_adapter.generation import StopMatcher
-from llama_adapter.tokenizer import StreamDecoder, Tokenizer
+from llama_adapter.inputs.tokenizer import StreamDecoder, Tokenizer
+from llama_adapter.serve.pipeline import StopMatcher
 
 from .conftest import VOCAB, corpus_lines
 from .test_model import adapted_copy

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import llama_adapter
-from llama_adapter import hub
-from llama_adapter.hub import Release, ResolveError, parse_repo_spec
+from llama_adapter import ResolveError
+from llama_adapter.weights import hub
+from llama_adapter.weights.hub import Release, parse_repo_spec
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from llama_adapter import ClipSpec, ImageError
-from llama_adapter.images import load_image
-from llama_adapter.visual import ImageTransform, build_clip
+from llama_adapter.inputs.images import load_image
+from llama_adapter.model.visual import ImageTransform, build_clip
 
 from .test_multimodal import picture, write_clip_dir
 

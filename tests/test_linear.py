@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from llama_adapter.generation import Decoder
-from llama_adapter.linear import ONEDNN_LINEAR, Linear
+from llama_adapter.model.linear import ONEDNN_LINEAR, Linear
+from llama_adapter.serve.engine import Decoder
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 

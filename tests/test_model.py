@@ -11,7 +11,7 @@ import torch
 
 import llama_adapter
 from llama_adapter import AdapterConfig, ModelArgs, Transformer
-from llama_adapter.model import CacheStep, KVCache
+from llama_adapter.model.llama import CacheStep, KVCache
 
 from .conftest import write_meta_dir
 
@@ -69,7 +69,7 @@ def test_7b_adapter_has_1229760_parameters() -> None:
 
 def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """LLaMA + adapter written out plainly: complex RoPE, explicit mask, two separate softmaxes."""
-    sd, args, cfg = model.state_dict(), model.args, model.adapter
+    sd, args, cfg = model.state_dict(), model.args, model.adapter_config
     b, t = tokens.shape
     hd, h_q, h_kv = args.head_dim, args.n_heads, args.kv_heads
 

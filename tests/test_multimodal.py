@@ -129,7 +129,7 @@ def v2_lora(tmp_path_factory: pytest.TempPathFactory, hf_dir: Path, pipe):
 
 def test_clip_tokens_match_open_clips_own_forward() -> None:
     """Our token path (all tokens after ln_post and proj) agrees with open_clip's forward on the class token and the rest."""
-    pipe_visual = llama_adapter.visual.VisualEncoder(*llama_adapter.visual.build_clip(CLIP_SPEC), VISUAL, QUERY_LEN, 64)
+    pipe_visual = llama_adapter.model.visual.VisualEncoder(*llama_adapter.model.visual.build_clip(CLIP_SPEC), VISUAL, QUERY_LEN, 64)
     tower = pipe_visual.clip
     pixels = pipe_visual.pixels([picture(0), picture(1)])
     with torch.no_grad():
@@ -168,7 +168,7 @@ def mapped(key: str) -> str | None:
 def test_official_v2_file_loads_every_key(tmp_path: Path, hf_dir: Path, pipe, lora: bool) -> None:
     ckpt = official_v2_file(tmp_path / "v2.pth", pipe.model.args, lora=lora, with_clip=True)
     loaded = llama_adapter.load(hf_dir, tmp_path / "v2.pth", device="cpu", dtype="fp32", clip=CLIP_SPEC)
-    cfg = loaded.model.adapter
+    cfg = loaded.model.adapter_config
     assert (cfg.adapter_len, cfg.adapter_layer, cfg.gate_activation) == (QUERY_LEN, ADAPTED, "tanh")
     assert (cfg.bias, cfg.norm, cfg.lora_rank) == (True, True, LORA_RANK if lora else 0)
     assert cfg.visual == VisualConfig(clip_dim=16, embed_dim=32, depth=2, num_heads=16, mlp_ratio=4.0)
@@ -194,7 +194,7 @@ def test_official_v2_without_clip_and_norms_takes_them_from_open_clip_and_base(t
         del ckpt["model"][key]
     torch.save(ckpt, tmp_path / "v2.pth")
     loaded = llama_adapter.load(hf_dir, tmp_path / "v2.pth", device="cpu", dtype="fp32", clip=CLIP_SPEC)
-    assert loaded.model.adapter.norm is False
+    assert loaded.model.adapter_config.norm is False
     assert torch.equal(loaded.model.state_dict()["norm.weight"], pipe.model.state_dict()["norm.weight"])
 
 
@@ -390,7 +390,7 @@ def test_own_format_multimodal_round_trip(v2_lora, tmp_path: Path, hf_dir: Path)
     _, loaded = v2_lora
     tensors = loaded.adapter_tensors()
     assert not any(k.startswith("clip.") for k in tensors)  # CLIP comes from open_clip, not from our file
-    path = save_adapter(tmp_path / "mm.safetensors", tensors, loaded.model.adapter, loaded.model.args)
+    path = save_adapter(tmp_path / "mm.safetensors", tensors, loaded.model.adapter_config, loaded.model.args)
     meta = read_adapter(path).metadata
     assert meta["format_version"] == "2"
     assert (meta["bias"], meta["norm"], meta["lora_rank"]) == ("true", "true", str(LORA_RANK))
@@ -398,7 +398,7 @@ def test_own_format_multimodal_round_trip(v2_lora, tmp_path: Path, hf_dir: Path)
     # The V2 file's CLIP copy differs from a fresh tiny CLIP; pass the same weights to compare exactly.
     again = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32", clip=CLIP_SPEC)
     again.visual.clip.load_state_dict(loaded.visual.clip.state_dict())
-    assert again.model.adapter == loaded.model.adapter
+    assert again.model.adapter_config == loaded.model.adapter_config
     image = picture(9)
     assert "".join(again.stream(caption_prompt(), image=image, max_new_tokens=8, temperature=0)) == "".join(
         loaded.stream(caption_prompt(), image=image, max_new_tokens=8, temperature=0)
@@ -408,7 +408,7 @@ def test_own_format_multimodal_round_trip(v2_lora, tmp_path: Path, hf_dir: Path)
 
 def test_own_format_without_extras_stays_version_1(tmp_path: Path, pipe) -> None:
     model = Transformer(pipe.model.args, AdapterConfig(adapter_len=2, adapter_layer=2))
-    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
+    path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
     meta = read_adapter(path).metadata
     assert meta["format_version"] == "1" and "visual" not in meta and "bias" not in meta
 
@@ -420,7 +420,7 @@ def test_cli_captions_with_the_clip_the_adapter_names(v2_lora, tmp_path: Path, h
     _, loaded = v2_lora
     clip_dir = write_clip_dir(tmp_path / "clip")
     cfg = dataclasses.replace(
-        loaded.model.adapter, visual=dataclasses.replace(VISUAL, clip_model=f"local-dir:{clip_dir}", clip_pretrained=None)
+        loaded.model.adapter_config, visual=dataclasses.replace(VISUAL, clip_model=f"local-dir:{clip_dir}", clip_pretrained=None)
     )
     path = save_adapter(tmp_path / "mm.safetensors", loaded.adapter_tensors(), cfg, loaded.model.args)
     image = tmp_path / "photo.png"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llama_adapter import Tokenizer
-from llama_adapter.prompts import fit_chat, format_chat, format_prompt
+from llama_adapter.inputs.prompts import fit_chat, format_chat, format_prompt
 
 
 def test_a_single_message_is_the_plain_alpaca_prompt() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llama_adapter
-from llama_adapter.quantize import Int8Linear, quantize_weight
+from llama_adapter.model.quantize import Int8Linear, quantize_weight
 
 from .test_model import SAMPLE, adapted_copy, tokens_for
 
@@ -44,7 +44,7 @@ def test_int8_runs_in_bf16(hf_dir: Path, pipe) -> None:
 
 def test_int8_halves_weight_memory_and_streams_with_an_adapter(tmp_path: Path, hf_dir: Path, pipe) -> None:
     model = adapted_copy(pipe, "tanh", gate_scale=1.0)
-    path = llama_adapter.save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter, model.args)
+    path = llama_adapter.save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
     quant = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32", quantize="int8")
 
     def matrix_bytes(m: torch.nn.Module) -> int:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import llama_adapter
 from llama_adapter import AdapterConfig, read_adapter
-from llama_adapter.data import (
+from llama_adapter.train import lr_factor, main, parse_args, summed_nll, train
+from llama_adapter.train.data import (
     IGNORE_INDEX,
     InstructionRecord,
     LengthGroupedBatches,
@@ -28,7 +29,6 @@ from llama_adapter.data import (
     read_records,
     shard,
 )
-from llama_adapter.train import lr_factor, main, parse_args, summed_nll, train
 
 from .conftest import write_jsonl
 
@@ -165,7 +165,7 @@ def test_output_loads_and_generates(trained_run, hf_dir: Path) -> None:
     out, trained = trained_run
     adapter = read_adapter(out / "adapter.safetensors")
     assert adapter.config == AdapterConfig(adapter_len=30, adapter_layer=4, gate_activation="tanh")
-    assert adapter.base_dims() == trained.model.args.summary()
+    assert adapter.base_dims == trained.model.args.summary()
     training_args = json.loads(adapter.metadata["training_args"])
     assert training_args["epochs"] == 16 and training_args["lr"] == 0.3 and training_args["effective_batch"] == 8
     loaded = llama_adapter.load(hf_dir, out, device="cpu", dtype="fp32")

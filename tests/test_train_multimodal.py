@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 
 import llama_adapter
 from llama_adapter import ClipSpec, caption_prompt, format_prompt, read_adapter
-from llama_adapter.data import DataError, encode_records
-from llama_adapter.image_data import image_text_record, read_image_text_records
-from llama_adapter.prompts import format_chat
+from llama_adapter.inputs.prompts import format_chat
+from llama_adapter.model.visual import build_clip
+from llama_adapter.roles import trains_in_phase
 from llama_adapter.train import main, parse_args, summed_nll, train
-from llama_adapter.train_visual import ImageFeeder, trains_in_phase
-from llama_adapter.visual import build_clip
+from llama_adapter.train.data import DataError, encode_records
+from llama_adapter.train.image_data import image_text_record, read_image_text_records
+from llama_adapter.train.visual import ImageFeeder
 
 from .conftest import write_jsonl
 from .test_multimodal import write_clip_dir
@@ -109,7 +110,7 @@ def test_held_out_captions_are_learned_from_the_image(pretrained, data: dict[str
 
 def test_pretrain_trains_only_the_visual_adapter_prompts_and_gates(pretrained, pipe, hf_dir: Path, data: dict[str, Path]) -> None:
     _, trained = pretrained
-    cfg = trained.model.adapter
+    cfg = trained.model.adapter_config
     assert (cfg.bias, cfg.norm, cfg.lora_rank) == (False, False, 0)  # no biases at all, as the official pretrain model
     adapter = trained.adapter_tensors()
     assert all(trains_in_phase(n, "pretrain") for n in adapter)
@@ -165,7 +166,7 @@ def finetuned(pretrained, hf_dir: Path, data: dict[str, Path], tmp_path_factory:
 def test_finetune_trains_only_biases_norms_and_lora(finetuned, pretrained, pipe, data: dict[str, Path]) -> None:
     out, tuned = finetuned
     start = read_adapter(pretrained[0] / "adapter.safetensors").tensors
-    cfg = tuned.model.adapter
+    cfg = tuned.model.adapter_config
     assert (cfg.bias, cfg.norm, cfg.lora_rank, cfg.adapter_len, cfg.adapter_layer) == (True, True, 2, 10, 4)
     adapter = tuned.adapter_tensors()
     trained = {n for n in adapter if trains_in_phase(n, "finetune")}
@@ -196,7 +197,7 @@ def test_finetune_starts_from_an_official_v2_file(hf_dir: Path, pipe, data: dict
     args = cli(hf_dir, data, out, "finetune", "--init-adapter", tmp_path / "v2.pth", "--batch-size", 4, "--lr", 0.01, "--stop-after", 1)
     tuned = train(parse_args(args))
     adapter = tuned.adapter_tensors()
-    assert (tuned.model.adapter.adapter_len, tuned.model.adapter.adapter_layer) == (4, 3)
+    assert (tuned.model.adapter_config.adapter_len, tuned.model.adapter_config.adapter_layer) == (4, 3)
     for key, value in ckpt.items():
         name = key.removeprefix("llama.")
         if name in adapter:
@@ -290,7 +291,7 @@ def test_records_split_into_prompt_and_response() -> None:
     ],
 )
 def test_malformed_records_say_what_is_wrong(record: dict, message: str) -> None:
-    from llama_adapter.data import RecordError
+    from llama_adapter.train.data import RecordError
 
     with pytest.raises(RecordError, match=message.replace("(", r"\(").replace(")", r"\)")):
         image_text_record(record)

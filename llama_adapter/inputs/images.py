@@ -11,16 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import ImageError
+
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 # The encoder sees 224 x 224 anyway; larger inputs only cost memory and decoding time.
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGE_BYTES = 25 * 2**20
 _SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-
-
-class ImageError(ValueError):
-    """An image could not be read or used; the message says which and what to do."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -18,14 +18,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .prompts import format_prompt
-from .tokenizer import Tokenizer
+from ..errors import DataError
+from ..inputs.prompts import format_prompt
+from ..inputs.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # target value that the loss skips (F.cross_entropy's default ignore_index)
-
-
-class DataError(ValueError):
-    """A dataset file cannot be used; the message lists every bad record."""
 
 
 class RecordError(ValueError):

@@ -20,9 +20,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from tqdm.auto import tqdm
 
-
-class ResolveError(RuntimeError):
-    """A name could not be turned into local files; the message says what to do."""
+from ..errors import ResolveError
 
 
 @dataclass(frozen=True)

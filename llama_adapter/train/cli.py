@@ -14,50 +14,36 @@ finetune from the pretrain output with --init-adapter (biases, norms; blr 1e-3, 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
-from . import load
-from .checkpoint import AdapterFile, CheckpointError, save_adapter
-from .config import AdapterConfig, VisualConfig
-from .data import (
-    IGNORE_INDEX,
-    DataError,
-    Encoded,
-    Example,
-    LengthGroupedBatches,
-    collate,
-    encode_records,
-    padding_efficiency,
-    read_records,
-    shard,
-    split_records,
-)
-from .generation import Pipeline
-from .hub import ResolveError
+from ..config import AdapterConfig, VisualConfig
+from ..errors import USER_ERRORS, TrainError, user_message
+from ..model.visual import ClipSpec, clip_output_dim
+from ..options import DTYPE_CHOICES
+from ..roles import IMAGE_PHASES, prepare_for_serving, prepare_for_training
+from ..serve.loading import load
+from ..serve.pipeline import Pipeline
+from ..weights.adapter import AdapterFile, save_adapter
+from .data import Encoded, LengthGroupedBatches, encode_records, padding_efficiency, read_records, split_records
+from .distributed import Dist, init_distributed
 from .image_data import read_image_text_records
-from .loading import adapter_dtype, default_device
-from .model import Transformer
-from .train_visual import PHASES, ImageFeeder, copy_init_adapter, read_init_adapter, trains_in_phase
-from .visual import ClipSpec, clip_output_dim
+from .loss import Run, accumulate, evaluate
+from .optim import lr_factor, make_optimizer
+from .state import Metrics, Position, load_checkpoint, restore, save_checkpoint
+from .visual import ImageFeeder, copy_init_adapter, read_init_adapter
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
-CHECKPOINT_FORMAT = "llama-adapter-train-1"
 # Arguments that decide the course of training: a resumed run must use the same ones.
 TRAJECTORY = ("base", "data", "val_data", "val_fraction", "epochs", "global_batch", "accum_steps", "lr", "weight_decay",
               "warmup_epochs", "min_lr", "adapter_len", "adapter_layer", "max_seq_len", "seed", "image_root", "phase",
@@ -69,13 +55,10 @@ RECIPES = {
     "pretrain": {"epochs": 3, "warmup_epochs": 0.1, "blr": 1e-4, "weight_decay": 0.05, "adapter_len": 10, "adapter_layer": 31},
     "finetune": {"epochs": 4, "warmup_epochs": 1.0, "blr": 1e-3, "weight_decay": 0.02, "adapter_len": 10, "adapter_layer": 31},
 }
-# The visual adapter of the official V2 models: 768 wide, 8 blocks of 16 heads.
-VISUAL_SHAPE = {"visual_dim": 768, "visual_depth": 8, "visual_heads": 16}
+# The visual adapter of the official V2 models (VisualConfig's defaults): 768 wide, 8 blocks of 16 heads.
+_V2 = VisualConfig()
+VISUAL_SHAPE = {"visual_dim": _V2.embed_dim, "visual_depth": _V2.depth, "visual_heads": _V2.num_heads}
 DEFAULT_CLIP = "ViT-L-14:openai"
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or continue; the message says why and what to do."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -88,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     val.add_argument("--val-fraction", type=float, help="hold out this fraction of --data (seeded) for validation")
     images = p.add_argument_group("image-text training (official LLaMA-Adapter V2 layout)")
     images.add_argument("--image-root", help="the records' 'image' paths are relative to this directory; makes the run multimodal")
-    images.add_argument("--phase", choices=PHASES, help="pretrain: visual adapter, prompts, gates; finetune: biases, norms (+LoRA)")
+    images.add_argument("--phase", choices=IMAGE_PHASES, help="pretrain: visual adapter, prompts, gates; finetune: biases, norms (+LoRA)")
     images.add_argument("--init-adapter", help="start from this multimodal adapter (the pretrain output, or an official V2 file)")
     images.add_argument("--clip", help=f"open_clip CLIP as MODEL[:PRETRAINED] (default: {DEFAULT_CLIP}, or --init-adapter's), "
                         "also hf-hub:ORG/REPO or local-dir:/PATH (a folder with open_clip_config.json and weights)")  # fmt: skip
@@ -113,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter-layer", type=int, help="number of top layers that get a prompt (default: 30; image-text 31)")
     p.add_argument("--max-seq-len", type=int, default=512, help="longer examples are truncated (their end is lost)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available); torchrun gives each process its GPU")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="frozen base dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="frozen base dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N optimizer steps (always at each epoch end)")
     p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N optimizer steps")
@@ -175,235 +158,6 @@ def clip_spec(value: str) -> ClipSpec:
     return ClipSpec(model, pretrained or None)
 
 
-# ---------------------------------------------------------------- processes
-
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None) -> Dist:
-    """One process, or one of torchrun's: nccl between GPUs, gloo between CPU processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    target = torch.device(device) if device else default_device()
-    if world_size == 1:
-        return Dist(0, 1, target)
-    if target.type == "cuda":
-        target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(target)
-    dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), world_size, target)
-
-
-def sum_across_ranks(params: Sequence[torch.nn.Parameter], scalars: Tensor, world: Dist) -> Tensor:
-    """Sum the adapter's gradients and some scalars over all processes, in one collective.
-
-    Data parallelism is done by hand rather than by wrapping the model in DDP: DDP would
-    broadcast every frozen base weight at start-up and reduce in buckets during each backward
-    (or need no_sync for accumulation).  The adapter is ~5 MB, so one all-reduce per
-    optimizer step, after accumulation, is all the communication needed.
-    """
-    if world.world_size == 1:
-        return scalars
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [scalars.to(grads[0].dtype)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-    return flat[offset:]
-
-
-# ---------------------------------------------------------------- recipe
-
-
-def lr_factor(step: int, warmup_steps: float, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, then half-cycle cosine."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # As the official scripts, no decay on vectors (biases, norms); and none on the gates, which it would pull
-    # back towards zero (the base model), where the official scripts decay the 4-D gates as well.
-    def decays(name: str, p: torch.nn.Parameter) -> bool:
-        return p.ndim > 1 and not name.endswith((".gate", ".new_gate"))
-
-    decay = [p for n, p in params.items() if decays(n, p)]
-    no_decay = [p for n, p in params.items() if not decays(n, p)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-def summed_nll(
-    model: Transformer,
-    examples: Sequence[Example],
-    pad_id: int,
-    device: torch.device,
-    recompute: bool,
-    visual_prompt: Tensor | None = None,
-) -> Tensor:
-    """Sum of the negative log-likelihoods of the response tokens (and EOS) of a batch."""
-    inputs, targets = collate(examples, pad_id)
-    inputs, targets = inputs.to(device), targets.to(device)
-    hidden = model.training_hidden(inputs, visual_prompt=visual_prompt, checkpoint=recompute)
-    keep = targets != IGNORE_INDEX
-    # The vocabulary projection only runs where there is a target: prompts cost no logits.
-    logits = model.output(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
-
-
-@dataclass
-class Run:
-    """What the training step needs besides the data: the model, what it trains, how images come in."""
-
-    model: Transformer
-    params: dict[str, torch.nn.Parameter]  # the trained ones
-    images: ImageFeeder | None
-    # Mixed precision for multimodal runs on a bf16/fp16 base: fp32 trained tensors meet half-precision ones.
-    autocast_dtype: torch.dtype | None
-
-    def precision(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
-
-
-def accumulate(
-    run: Run,
-    examples: Sequence[Example],
-    group: Sequence[Sequence[int]],
-    pad_id: int,
-    scaler: torch.amp.GradScaler,
-    world: Dist,
-    recompute: bool,
-    epoch: int,
-) -> tuple[float, int]:
-    """Backward over one optimizer step's global micro-batches (this process's shards); grads summed over processes.
-
-    The loss is normalised by the response tokens of the whole step, across micro-batches
-    and processes, so every split into processes and accumulation steps gives the same update.
-    Returns the step's NLL sum and target count over all processes.
-    """
-    n_targets = sum(examples[i].n_targets for batch in group for i in batch)
-    loss_sum = torch.zeros(1, dtype=torch.float32, device=world.device)
-    for batch in group:
-        indices = shard(batch, world.rank, world.world_size)
-        mine = [examples[i] for i in indices]
-        if mine:
-            with run.precision(world.device):
-                visual = run.images.train_prompts(mine, indices, epoch) if run.images else None
-                loss = summed_nll(run.model, mine, pad_id, world.device, recompute, visual)
-            scaler.scale(loss / n_targets).backward()
-            loss_sum += loss.detach()
-    return sum_across_ranks(list(run.params.values()), loss_sum, world).item(), n_targets
-
-
-@torch.no_grad()
-def evaluate(run: Run, examples: Sequence[Example], batch_size: int, pad_id: int, world: Dist) -> float:
-    """Mean NLL per response token over ``examples``, split across processes."""
-    order = sorted(range(len(examples)), key=lambda i: examples[i].input_len)
-    mine = shard(order, world.rank, world.world_size)
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)
-    for start in range(0, len(mine), batch_size):
-        batch = [examples[i] for i in mine[start : start + batch_size]]
-        with run.precision(world.device):
-            visual = run.images.eval_prompts(batch) if run.images else None
-            total[0] += summed_nll(run.model, batch, pad_id, world.device, False, visual).double()
-        total[1] += sum(e.n_targets for e in batch)
-    if world.world_size > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class Position:
-    """Where training stands: next epoch, next micro-batch in it, optimizer steps done, metrics lines written."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    metrics_lines: int = 0
-
-
-def save_checkpoint(path: Path, adapter: dict[str, Tensor], optimizer, scheduler, scaler, position: Position, trajectory: dict) -> None:
-    """Atomically write everything needed to continue exactly: tensors and plain containers only.
-
-    ``adapter`` is every adapter tensor, trained or not (``Pipeline.adapter_tensors``).
-    """
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "adapter": {n: p.detach().cpu() for n, p in adapter.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        # Training itself draws no random numbers (no dropout; batches come from seeded
-        # generators), so every process has the same state; it is kept for exact resumption.
-        "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
-        "position": asdict(position),
-        "trajectory": trajectory,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, trajectory: dict) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path} is not a training checkpoint of this version")
-    before = state["trajectory"]
-    changed = [f"{k}: {before.get(k)!r} -> {trajectory[k]!r}" for k in TRAJECTORY if before.get(k) != trajectory[k]]
-    if changed:
-        raise TrainError(
-            f"{path} was written with different training arguments ({'; '.join(changed)}); "
-            "resume with the original ones, or start a new run in another --out directory"
-        )
-    return state
-
-
-def restore(state: dict, adapter: dict[str, Tensor], optimizer, scheduler, scaler) -> Position:
-    with torch.no_grad():
-        for name, p in adapter.items():
-            p.copy_(state["adapter"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return Position(**state["position"])
-
-
-class Metrics:
-    """``metrics.jsonl``, one JSON object per line; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, keep_lines: int) -> None:
-        self.path, self.enabled, self.lines = path, enabled, keep_lines
-        if enabled:
-            old = path.read_text().splitlines(keepends=True)[:keep_lines] if path.is_file() else []
-            path.write_text("".join(old))
-
-    def write(self, **record: object) -> None:
-        self.lines += 1
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -440,7 +194,7 @@ def build(args: argparse.Namespace, world: Dist) -> tuple[Pipeline, Run]:
     """The pipeline with a fresh (or --init-adapter) adapter, and what of it trains."""
     if args.phase is None:
         pipe = load(args.base, AdapterConfig(args.adapter_len, args.adapter_layer), device=world.device, dtype=args.dtype)
-        return pipe, Run(pipe.model, pipe.model.adapter_parameters(), None, None)
+        return pipe, Run(pipe.model, prepare_for_training(pipe.adapter_tensors(), "text"), None, None)
     init_path, init = read_init_adapter(args.init_adapter) if args.init_adapter else (None, None)
     if args.clip:
         clip = clip_spec(args.clip)
@@ -449,19 +203,11 @@ def build(args: argparse.Namespace, world: Dist) -> tuple[Pipeline, Run]:
     pipe = load(args.base, multimodal_config(args, init, clip), device=world.device, dtype=args.dtype, clip=clip)
     if init is not None:
         copy_init_adapter(pipe, init, f"--init-adapter {init_path}")
-    params = {n: p for n, p in pipe.adapter_tensors().items() if trains_in_phase(n, args.phase)}
-    for p in params.values():
-        p.data = p.data.float()  # fp32 master weights; the forward runs under autocast on a half-precision base
+    # fp32 master weights; the forward runs under autocast on a half-precision base
+    params = prepare_for_training(pipe.adapter_tensors(), args.phase)
     assert pipe.visual is not None
     half = pipe.dtype if pipe.dtype != torch.float32 else None
     return pipe, Run(pipe.model, params, ImageFeeder(pipe.visual, args.seed), half)
-
-
-def serving_dtypes(pipe: Pipeline) -> None:
-    """Back from fp32 training to the dtypes load() gives, so that the returned pipeline generates as a loaded one."""
-    for name, p in pipe.adapter_tensors().items():
-        if isinstance(p, torch.nn.Parameter):
-            p.data = p.data.to(adapter_dtype(name, pipe.dtype) if name in pipe.model.adapter_parameters() else pipe.dtype)
 
 
 def describe(world: Dist, train: Encoded, val: Encoded, run: Run, plan: LengthGroupedBatches, args, lr: float) -> None:
@@ -479,7 +225,7 @@ def describe(world: Dist, train: Encoded, val: Encoded, run: Run, plan: LengthGr
             f"      {train.truncated + val.truncated} examples longer than --max-seq-len {args.max_seq_len} were truncated"
             + (f"; {dropped} of them lost their whole response and were dropped" if dropped else "")
         )
-    cfg = model.adapter
+    cfg = model.adapter_config
     assert cfg is not None
     what = {
         None: "prompts + gates",
@@ -509,8 +255,6 @@ def train(args: argparse.Namespace) -> Pipeline:
     if args.max_seq_len > model.args.max_seq_len:
         raise TrainError(f"--max-seq-len {args.max_seq_len} exceeds the base model's context of {model.args.max_seq_len}")
     adapter = pipe.adapter_tensors()
-    for p in run.params.values():
-        p.requires_grad_(True)
     if world.world_size > 1:
         for t in adapter.values():
             dist.broadcast(t.data, 0)
@@ -608,16 +352,16 @@ def train(args: argparse.Namespace) -> Pipeline:
                     bar.close()
                     if world.main:
                         print(f"stopped after step {position.step} as asked; continue with --resume")
-                    serving_dtypes(pipe)
+                    prepare_for_serving(adapter, pipe.dtype)
                     return pipe
             position.epoch, position.batch = position.epoch + 1, 0
             run_eval()
             checkpoint()
     if world.main:
         training_args = vars(args) | {"lr": lr, "effective_batch": effective, "world_size": world.world_size}
-        path = save_adapter(out / ADAPTER, adapter, model.adapter, model.args, training_args)
+        path = save_adapter(out / ADAPTER, adapter, model.adapter_config, model.args, training_args)
         print(f"wrote {path}")
-    serving_dtypes(pipe)
+    prepare_for_serving(adapter, pipe.dtype)
     return pipe
 
 
@@ -625,9 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (TrainError, DataError, ResolveError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower --batch-size (raise --accum-steps to keep the effective batch), "
@@ -640,7 +384,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""The multimodal side of training: phases, the adapter's shape, starting from a trained adapter, and images in.
+"""The multimodal side of training: starting from a trained adapter, and images in.
 
-The two phases follow the official LLaMA-Adapter V2 code (``get_trainable_params``):
+The two phases (their rules are in ``roles``) follow the official LLaMA-Adapter V2 code (``get_trainable_params``):
 
 - ``pretrain`` trains the visual adapter (``clip_proj``, ``clip_proj_norm``, ``visual_query``,
   ``visual_blocks``, ``visual_proj``, ``visual_proj_norm``), the adaption prompts and the gates;
@@ -20,33 +20,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import hub
-from .checkpoint import AdapterFile, check_state, fit_adapter, read_adapter, shapes
+from ..errors import ImageError
+from ..inputs.images import load_image
+from ..model.visual import ImageTransform, VisualEncoder
+from ..roles import Role, role_of, trains_in_phase
+from ..serve.adapters import read_adapter_source
+from ..serve.pipeline import Pipeline
+from ..weights.adapter import AdapterFile, fit_adapter
+from ..weights.state import shapes
 from .data import Example
-from .generation import Pipeline
-from .images import ImageError, load_image
-from .visual import ImageTransform, VisualEncoder
-
-PHASES = ("pretrain", "finetune")
-VISUAL_ADAPTER = ("clip_proj.", "clip_proj_norm.", "visual_query.", "visual_blocks.", "visual_proj.", "visual_proj_norm.")
-_PROMPTS_AND_GATES = ("adapter_query.weight", ".attention.gate", ".attention.new_gate")
-_NORMS = ("norm.weight", "attention_norm.weight", "ffn_norm.weight")
-
-
-def trains_in_phase(name: str, phase: str) -> bool:
-    """Whether the adapter tensor ``name`` (as in ``Pipeline.adapter_tensors``) is trained in ``phase``."""
-    visual = name.startswith(VISUAL_ADAPTER)
-    if phase == "pretrain":
-        return visual or name.endswith(_PROMPTS_AND_GATES)
-    if phase == "finetune":
-        return not visual and (name.endswith(".bias") or name.endswith(_NORMS) or ".lora_" in name)
-    raise ValueError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
 
 
 def read_init_adapter(source: str) -> tuple[Path, AdapterFile]:
     """The adapter a run starts from (a pretrain-phase output, or an official V2 file or name); it must be multimodal."""
-    path = hub.resolve_adapter(source)
-    adapter = read_adapter(path)
+    adapter = read_adapter_source(source)
+    path = adapter.path
     if adapter.config.visual is None:
         raise ValueError(f"--init-adapter {path} has no visual part: start image-text training from a multimodal adapter")
     if adapter.config.gate_activation != "tanh":
@@ -62,11 +50,10 @@ def copy_init_adapter(pipe: Pipeline, adapter: AdapterFile, source: str) -> None
     from exactly the pretrained model.
     """
     assert pipe.visual is not None
-    targets = pipe.adapter_tensors() | {f"clip.{k}": v for k, v in pipe.visual.clip.state_dict().items()}
-    tensors = fit_adapter(adapter, pipe.model.args, source)
+    targets = pipe.adapter_tensors() | pipe.visual.clip_state()
     # new_gate comes with LoRA, which a pretrain model lacks: it then keeps its fresh 1.
-    required = {n for n in pipe.adapter_tensors() if trains_in_phase(n, "pretrain") and not n.endswith(".new_gate")}
-    check_state(shapes(targets.items()), tensors, source, optional=set(targets) - required)
+    required = {n for n in pipe.adapter_tensors() if trains_in_phase(n, "pretrain") and role_of(n) is not Role.NEW_GATE}
+    tensors = fit_adapter(adapter, pipe.model.args, shapes(targets.items()), required, source)
     with torch.no_grad():
         for name, t in tensors.items():
             targets[name].copy_(t)

@@ -15,7 +15,7 @@ layer; they exist only when switched on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from .config import AdapterConfig, ModelArgs
+from ..config import AdapterConfig, GateActivation, ModelConfig
+from ..roles import init_fresh, is_adapter
 from .linear import Linear
 
 AdapterKV = tuple[Tensor, Tensor]
@@ -65,7 +66,7 @@ class KVCache:
     place, while a write into a slice of a stacked graph input makes the compiler copy all of it.
     """
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, args: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, args.kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
@@ -114,7 +115,7 @@ def _add_low_rank(down: nn.Linear, up: nn.Linear, module: nn.Module, inputs: tup
 
 
 def add_lora(parent: nn.Module, names: Sequence[str], rank: int) -> None:
-    """Official V2 LoRA on ``parent.<name>``: ``name(x) + lora_<name>_l2(lora_<name>_l1(x))``, no scaling, l2 zero.
+    """Official V2 LoRA on ``parent.<name>``: ``name(x) + lora_<name>_l2(lora_<name>_l1(x))``, no scaling.
 
     The low-rank path rides on a forward hook of the base projection: the plain model's code
     has no LoRA branch at all, and the keys keep the official sibling names (``lora_wq_l1``).
@@ -123,20 +124,13 @@ def add_lora(parent: nn.Module, names: Sequence[str], rank: int) -> None:
         base: nn.Linear = getattr(parent, name)
         down = nn.Linear(base.in_features, rank, bias=False)
         up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(up.weight)
         parent.add_module(f"lora_{name}_l1", down)
         parent.add_module(f"lora_{name}_l2", up)
         base.register_forward_hook(partial(_add_low_rank, down, up))
 
 
-def _zero_biases(*layers: nn.Linear) -> None:
-    for layer in layers:
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)  # bias tuning starts at the base model
-
-
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
+    def __init__(self, args: ModelConfig, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
@@ -146,14 +140,14 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
-        _zero_biases(self.wq, self.wo)
-        self.gate: nn.Parameter | None = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if adapted else None
-        # Official V2 ties new_gate (a scalar on the adapter branch, initialised to 1) to LoRA.
-        self.new_gate: nn.Parameter | None = nn.Parameter(torch.ones(1, 1, 1, 1)) if adapted and lora_rank else None
+        # Adapter parameters get their values from Transformer.reset_adapter_parameters (or a file).
+        self.gate: nn.Parameter | None = nn.Parameter(torch.empty(1, args.n_heads, 1, 1)) if adapted else None
+        # Official V2 ties new_gate (a scalar on the adapter branch) to LoRA.
+        self.new_gate: nn.Parameter | None = nn.Parameter(torch.empty(1, 1, 1, 1)) if adapted and lora_rank else None
         if lora_rank:
             add_lora(self, ("wq", "wk", "wv", "wo"), lora_rank)
 
-    def adapter_kv(self, prompt: Tensor, activation: str) -> AdapterKV:
+    def adapter_kv(self, prompt: Tensor, activation: GateActivation) -> AdapterKV:
         """Kp and g(gate)*Vp, each [B|1, n_heads, L, hd], from the adaption prompt [B|1, L, D]."""
         assert self.gate is not None
         b, length, _ = prompt.shape
@@ -173,7 +167,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        adapter: AdapterKV | None = None,
+        adapter_kv: AdapterKV | None = None,
         step: CacheStep | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
@@ -192,8 +186,8 @@ class Attention(nn.Module):
             is_causal = mask is None and t > 1
         gqa = self.n_kv_heads != self.n_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        if adapter is not None:
-            kp, vp = adapter
+        if adapter_kv is not None:
+            kp, vp = adapter_kv
             kp, vp = kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1)
             out = out + F.scaled_dot_product_attention(q, kp, vp)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
@@ -205,7 +199,6 @@ class FeedForward(nn.Module):
         self.w1 = Linear(dim, hidden_dim, bias=bias)
         self.w2 = Linear(hidden_dim, dim, bias=bias)
         self.w3 = Linear(dim, hidden_dim, bias=bias)
-        _zero_biases(self.w1, self.w2, self.w3)
         if lora_rank:
             add_lora(self, ("w1", "w2", "w3"), lora_rank)
 
@@ -214,7 +207,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
+    def __init__(self, args: ModelConfig, layer_id: int, adapted: bool, extras: AdapterConfig | None = None) -> None:
         super().__init__()
         self.attention = Attention(args, layer_id, adapted, extras)
         bias, lora_rank = (extras.bias, extras.lora_rank) if extras is not None else (False, 0)
@@ -222,27 +215,43 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, adapter: AdapterKV | None, step: CacheStep | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, adapter, step)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, adapter_kv: AdapterKV | None, step: CacheStep | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, adapter: AdapterConfig | None = None) -> None:
+    def __init__(self, args: ModelConfig, adapter_config: AdapterConfig | None = None) -> None:
         super().__init__()
-        self.args, self.adapter = args, adapter
-        first = args.n_layers - (adapter.adapter_layer if adapter else 0)
+        cfg = adapter_config
+        self.args, self.adapter_config = args, cfg
+        first = args.n_layers - (cfg.adapter_layer if cfg else 0)
         if first < 0:
-            raise ValueError(f"adapter_layer {adapter.adapter_layer if adapter else 0} exceeds the model's {args.n_layers} layers")
+            raise ValueError(f"adapter_layer {cfg.adapter_layer if cfg else 0} exceeds the model's {args.n_layers} layers")
         self.first_adapted_layer = first
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i, adapter is not None and i >= first, adapter) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, cfg is not None and i >= first, cfg) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size, bias=False)
-        if adapter is not None:
-            self.adapter_query = nn.Embedding(adapter.adapter_layer * adapter.adapter_len, args.dim)
+        if cfg is not None:
+            self.adapter_query = nn.Embedding(cfg.adapter_layer * cfg.adapter_len, args.dim)
         device = self.tok_embeddings.weight.device
         self.init_rope(None if device.type == "meta" else device)
+        if device.type != "meta":
+            self.reset_adapter_parameters()
+
+    @property
+    def adapter(self) -> AdapterConfig | None:
+        """Deprecated alias of ``adapter_config`` (kept for one release)."""
+        return self.adapter_config
+
+    def reset_adapter_parameters(self, only: Collection[str] | None = None) -> None:
+        """Give the adapter parameters (those in ``only``, or all) the values a fresh adapter starts with
+        (``roles``): N(0, 1) prompts, zero gates and biases, new_gate 1, LoRA as the official code starts
+        it; tuned norms keep the base's."""
+        for name, p in self.adapter_parameters().items():
+            if only is None or name in only:
+                init_fresh(name, p)
 
     def init_rope(self, device: torch.device | str | None) -> None:
         """(Re)build the RoPE tables on ``device``; called again after meta-device loading."""
@@ -253,29 +262,30 @@ class Transformer(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's parameters by state-dict name: prompts and gates, plus the V2 extras that are on
         (biases, LoRA and new_gate, and the norm weights when norms are tuned)."""
-        if self.adapter is None:
+        cfg = self.adapter_config
+        if cfg is None:
             return {}
-        tuned_norms = self.adapter.norm
-        return {n: p for n, p in self.named_parameters() if _is_adapter_parameter(n, tuned_norms)}
+        return {n: p for n, p in self.named_parameters() if is_adapter(n, cfg.norm)}
 
     def adapter_kv(self, visual_prompt: Tensor | None = None) -> list[AdapterKV | None]:
         """Per layer (None below the adapted layers): Kp and gated Vp for the whole request.
 
         ``visual_prompt`` [B, adapter_len, D] is added to every layer's adaption prompt.
         """
-        if self.adapter is None:
+        cfg = self.adapter_config
+        if cfg is None:
             return [None] * self.args.n_layers
         dtype = self.tok_embeddings.weight.dtype
-        prompts = self.adapter_query.weight.view(self.adapter.adapter_layer, 1, self.adapter.adapter_len, -1)
+        prompts = self.adapter_query.weight.view(cfg.adapter_layer, 1, cfg.adapter_len, -1)
         out: list[AdapterKV | None] = [None] * self.first_adapted_layer
         for j, layer in enumerate(self.layers[self.first_adapted_layer :]):
             prompt = prompts[j] if visual_prompt is None else prompts[j] + visual_prompt
-            out.append(layer.attention.adapter_kv(prompt.to(dtype), self.adapter.gate_activation))
+            out.append(layer.attention.adapter_kv(prompt.to(dtype), cfg.gate_activation))
         return out
 
     def base_parameter_names(self) -> set[str]:
         """The names a base LLaMA checkpoint provides: all but prompts, gates, biases and LoRA (norms included)."""
-        return {n for n in self.state_dict() if not _is_adapter_parameter(n, tuned_norms=False)}
+        return {n for n in self.state_dict() if not is_adapter(n, tuned_norms=False)}
 
     def forward(self, tokens: Tensor, visual_prompt: Tensor | None = None) -> Tensor:
         """Full causal forward with no cache: float32 logits [B, T, V]."""
@@ -284,16 +294,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
         h = self.tok_embeddings(tokens)
-        for layer, adapter in zip(self.layers, self.adapter_kv(visual_prompt), strict=True):
-            h = layer(h, cos, sin, adapter, None)
+        for layer, layer_kv in zip(self.layers, self.adapter_kv(visual_prompt), strict=True):
+            h = layer(h, cos, sin, layer_kv, None)
         return self.output(self.norm(h)).float()
 
-    def forward_cached(self, tokens: Tensor, positions: Tensor, step: CacheStep, adapter: Sequence[AdapterKV | None]) -> Tensor:
+    def forward_cached(self, tokens: Tensor, positions: Tensor, step: CacheStep, adapter_kv: Sequence[AdapterKV | None]) -> Tensor:
         """Forward ``tokens`` [B, T] at ``positions`` [B, T] through the cache; float32 logits of the last position [B, V]."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
-        for layer, layer_adapter in zip(self.layers, adapter, strict=True):
-            h = layer(h, cos, sin, layer_adapter, step)
+        for layer, layer_kv in zip(self.layers, adapter_kv, strict=True):
+            h = layer(h, cos, sin, layer_kv, step)
         return self.output(self.norm(h[:, -1])).float()
 
     def training_hidden(self, tokens: Tensor, visual_prompt: Tensor | None = None, checkpoint: bool = False) -> Tensor:
@@ -309,17 +319,17 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
         frozen = self._frozen_prefix()
-        adapter = self.adapter_kv(visual_prompt)
+        adapter_kv = self.adapter_kv(visual_prompt)
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen < 0):
             h = self.tok_embeddings(tokens)
-        for i, (layer, layer_adapter) in enumerate(zip(self.layers, adapter, strict=True)):
+        for i, (layer, layer_kv) in enumerate(zip(self.layers, adapter_kv, strict=True)):
             if i < frozen:
                 with torch.no_grad():
-                    h = layer(h, cos, sin, layer_adapter, None)
+                    h = layer(h, cos, sin, layer_kv, None)
             elif checkpoint:
-                h = recompute_in_backward(layer, h, cos, sin, layer_adapter, None, use_reentrant=False)
+                h = recompute_in_backward(layer, h, cos, sin, layer_kv, None, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, layer_adapter, None)
+                h = layer(h, cos, sin, layer_kv, None)
         return self.norm(h)
 
     def _frozen_prefix(self) -> int:
@@ -330,13 +340,3 @@ class Transformer(nn.Module):
             if any(p.requires_grad for p in layer.parameters()):
                 return i
         return len(self.layers)
-
-
-def _is_norm(name: str) -> bool:
-    return name == "norm.weight" or name.endswith(("attention_norm.weight", "ffn_norm.weight"))
-
-
-def _is_adapter_parameter(name: str, tuned_norms: bool) -> bool:
-    if name == "adapter_query.weight" or name.endswith((".attention.gate", ".attention.new_gate", ".bias")):
-        return True
-    return ".lora_" in name or (tuned_norms and _is_norm(name))

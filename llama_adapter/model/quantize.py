@@ -9,13 +9,11 @@ inductor turn a one-row matmul into a fusable reduction) fuses it into the GEMV.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-QUANTIZE_MODES = ("int8",)
+from ..roles import Role, role_of
 
 
 class Int8Linear(nn.Module):
@@ -50,13 +48,11 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, T
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """The big matrices: every Linear of the transformer blocks and the output head.
+    """The big matrices: every Linear whose weight is a base weight (the blocks' projections and the output head).
 
-    Small trained parts (adapter prompts, gates, LoRA, visual modules) stay in full precision.
+    Adapter parts (LoRA, the visual adapter) stay in full precision.
     """
-    return [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (n.startswith("layers.") or n == "output") and ".lora_" not in n
-    ]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and role_of(f"{n}.weight") is Role.BASE]
 
 
 def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
@@ -70,20 +66,3 @@ def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None
         for hook in old._forward_hooks.values():
             new.register_forward_hook(hook)
         setattr(parent, child, new)
-
-
-def quantize_state(state: Iterable[tuple[str, Tensor]], names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Move (name, tensor) pairs to ``device``; the named Linear weights become int8 weight + scale.
-
-    One tensor at a time, so a lazy source (mmap, or weights generated on the fly) never
-    materialises the full-precision model on the device.
-    """
-    targets = {f"{n}.weight" for n in names}
-    out: dict[str, Tensor] = {}
-    for key, t in state:
-        if key in targets:
-            q, scale = quantize_weight(t.to(device), dtype)
-            out[key], out[key.removesuffix("weight") + "scale"] = q, scale
-        else:
-            out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    return out

@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from .data import DataError, RecordError, read_records, string_field
-from .images import ImageError, check_image_file
-from .prompts import caption_prompt, format_chat, format_prompt
+from ..errors import DataError, ImageError
+from ..inputs.images import check_image_file
+from ..inputs.prompts import caption_prompt, format_chat, format_prompt
+from .data import RecordError, read_records, string_field
 
 IMAGE_TOKEN = "<image>"  # LLaVA marks where the image goes; here the image always enters through the adapter
 _KINDS = ("caption", "instruction", "conversations")

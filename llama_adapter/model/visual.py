@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .config import VisualConfig
-from .hub import ResolveError
-from .images import ImageInput, load_image
+from ..config import VisualConfig
+from ..errors import ResolveError
+from ..inputs.images import ImageInput, load_image
+from ..roles import CLIP_PREFIX, Role, role_of
 
 # open_clip and timm take seconds to import; they are imported where used, so text-only use never pays.
 if TYPE_CHECKING:
@@ -175,7 +176,11 @@ class VisualEncoder(nn.Module):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The visual adapter's parameters by name (everything but CLIP)."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("clip.")}
+        return {n: p for n, p in self.named_parameters() if role_of(n) is Role.VISUAL}
+
+    def clip_state(self) -> dict[str, Tensor]:
+        """CLIP's tensors under the names an adapter file may carry them by (``clip.*``)."""
+        return {CLIP_PREFIX + k: v for k, v in self.clip.state_dict().items()}
 
     def clip_tokens(self, pixels: Tensor) -> Tensor:
         """All CLIP tokens (class token first) after ``ln_post`` and ``proj``: [B, 1+patches, clip_dim]."""
@@ -207,3 +212,12 @@ class VisualEncoder(nn.Module):
     def encode(self, images: Sequence[ImageInput]) -> Tensor:
         """Visual prompts [len(images), query_len, D]."""
         return self(self.pixels(images))
+
+
+def build_visual(cfg: VisualConfig, query_len: int, dim: int, clip: ClipSpec | None, fresh: bool) -> VisualEncoder:
+    """CLIP from open_clip plus the visual adapter; the adapter's parameters are on the meta device unless ``fresh``."""
+    tower, preprocess = build_clip(clip or ClipSpec.of(cfg))
+    if fresh:
+        return VisualEncoder(tower, preprocess, cfg, query_len, dim)
+    with torch.device("meta"):  # the adapter's weights come from the file; CLIP (built above) stays as it is
+        return VisualEncoder(tower, preprocess, cfg, query_len, dim)

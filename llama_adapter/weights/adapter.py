@@ -1,7 +1,7 @@
-"""Reading and writing weights: Meta shards, HF safetensors, official adapter files, our adapter format.
+"""Adapter files: the official V1 and V2 releases (``.pth``) and our format (``.safetensors``).
 
-Everything is read lazily (mmap / safetensors) and converted tensor by tensor to the target
-dtype and device, so loading never holds a second full copy of the model in RAM.
+Each reader turns its file into an ``AdapterFile`` with tensors in our Transformer's names;
+``fit_adapter`` checks one against a loaded model in one step.
 """
 
 from __future__ import annotations
@@ -18,165 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import AdapterConfig, ModelArgs, VisualConfig
+from ..config import AdapterConfig, ModelConfig, VisualConfig
+from ..errors import CheckpointError
+from ..roles import CLIP_PREFIX, Role, role_of
+from .state import check_state, names
 
 FORMAT_NAME = "llama-adapter"
 # Version 2 adds the V2 extras (bias, norm, lora_rank, visual); files without extras stay version 1.
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
 
-
-class CheckpointError(ValueError):
-    """A weight file does not match the model it is loaded into."""
-
-
-def check_state(expected: Mapping[str, torch.Size], got: Mapping[str, Tensor], source: str, optional: Iterable[str] = ()) -> None:
-    """Raise a CheckpointError naming every missing (unless ``optional``), unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(got) - set(optional))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{source} does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys: {_names(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys: {_names(unexpected)}")
-    for k in wrong[:20]:
-        lines.append(f"  {k}: checkpoint has shape {list(got[k].shape)}, model expects {list(expected[k])}")
-    if len(wrong) > 20:
-        lines.append(f"  ... and {len(wrong) - 20} more keys with mismatched shapes")
-    raise CheckpointError("\n".join(lines))
-
-
-def _names(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _convert(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
-    # Floating tensors take the target dtype (None: keep the file's); .to() is a no-op when nothing changes.
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
-
-# ---------------------------------------------------------------- Meta checkpoints
-
-# Model-parallel split dimension of each Meta weight (None: replicated in every shard).
-_META_SPLIT = [
-    (re.compile(r"(^tok_embeddings|\.attention\.wo|\.feed_forward\.w2)\.weight$"), 1),
-    (re.compile(r"(\.attention\.w[qkv]|\.feed_forward\.w[13]|^output)\.weight$"), 0),
-]
-
-
-def _meta_split_dim(name: str) -> int | None:
-    for pattern, dim in _META_SPLIT:
-        if pattern.search(name):
-            return dim
-    return None
-
-
-def read_meta_checkpoint(directory: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, Tensor]:
-    """Merge ``consolidated.NN.pth`` model-parallel shards into one state dict."""
-    shards = sorted(directory.glob("consolidated.*.pth"))
-    if not shards:
-        raise FileNotFoundError(f"no consolidated.*.pth files in {directory}")
-    parts = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shards]
-    keys = list(parts[0])
-    for p, part in zip(shards[1:], parts[1:], strict=True):
-        if set(part) != set(keys):
-            raise CheckpointError(f"{p.name} holds different keys from {shards[0].name}: the shards are not one checkpoint")
-    state: dict[str, Tensor] = {}
-    for key in keys:
-        if key == "rope.freqs":  # recomputed from params.json
-            continue
-        pieces = [part.pop(key) for part in parts]
-        dim = _meta_split_dim(key) if len(pieces) > 1 else None
-        if dim is None:
-            state[key] = _convert(pieces[0], dtype, device)
-        else:
-            state[key] = torch.cat([_convert(x, dtype, device) for x in pieces], dim=dim)
-    return state
-
-
-# ---------------------------------------------------------------- Hugging Face checkpoints
-
-_HF_LAYER = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def hf_to_meta_name(name: str) -> str | None:
-    """The Meta name of an HF Llama tensor, or None for keys that carry no weights (rotary inv_freq)."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    m = _HF_LAYER_RE.match(name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.{m.group(3)}"
-    raise CheckpointError(f"unexpected key in a Hugging Face Llama checkpoint: {name}")
-
-
-def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
-    """Undo HF's per-head row permutation of q_proj/k_proj (rotate-half RoPE -> Meta's interleaved)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_to_meta_tensor(meta_name: str, t: Tensor, args: ModelArgs) -> Tensor:
-    """An HF tensor in Meta's layout: q/k rows go back to interleaved RoPE order, the rest is as is."""
-    if meta_name.endswith("attention.wq.weight"):
-        return unpermute_qk(t, args.n_heads)
-    if meta_name.endswith("attention.wk.weight"):
-        return unpermute_qk(t, args.kv_heads)
-    return t
-
-
-def hf_safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index} lists files that are not there: {', '.join(absent)}")
-        return files
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(directory.glob("*.safetensors"))
-    if found:
-        return found
-    hint = " (only PyTorch .bin weights found: convert them to safetensors)" if any(directory.glob("*.bin")) else ""
-    raise FileNotFoundError(f"no model.safetensors or *.safetensors in {directory}{hint}")
-
-
-def read_hf_checkpoint(directory: Path, args: ModelArgs, dtype: torch.dtype | None, device: torch.device) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    # safetensors can place tensors straight on the GPU; it reads CPU tensors through mmap.
-    target = str(device)
-    for path in hf_safetensors_files(directory):
-        with safe_open(str(path), framework="pt", device=target) as f:
-            for name in f.keys():
-                meta = hf_to_meta_name(name)
-                if meta is not None:
-                    state[meta] = _convert(hf_to_meta_tensor(meta, f.get_tensor(name), args), dtype, device)
-    if "output.weight" not in state and args.tie_word_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return state
-
-
-# ---------------------------------------------------------------- adapters
 
 _GATE_RE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
 
@@ -185,14 +36,15 @@ _GATE_RE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
 class AdapterFile:
     """An adapter read from disk, tensors named as in our Transformer."""
 
+    path: Path
     config: AdapterConfig
     tensors: dict[str, Tensor]
-    kind: str  # "llama-adapter" (ours), "official-v1" or "official-v2"
+    # The lowest adapted layer, where the file says (official files, by their gates); None: the top
+    # ``adapter_layer`` layers of whatever base it is loaded on.
+    first_layer: int | None = None
+    # The base dims the adapter was trained for (our format), checked against the loaded base.
+    base_dims: dict[str, int] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-
-    def base_dims(self) -> dict[str, int] | None:
-        raw = self.metadata.get("base_model")
-        return json.loads(raw) if raw else None
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -230,7 +82,7 @@ def _read_official_v1(path: Path, state: dict[str, Tensor]) -> AdapterFile:
     gates = {int(m.group(1)): k for k in state if (m := _GATE_RE.match(k))}
     unexpected = sorted(k for k in state if k != "adapter_query.weight" and not _GATE_RE.match(k))
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys for a LLaMA-Adapter V1 file: {_names(unexpected)}")
+        raise CheckpointError(f"{path}: unexpected keys for a LLaMA-Adapter V1 file: {names(unexpected)}")
     if "adapter_query.weight" not in state or not gates:
         raise CheckpointError(f"{path}: a LLaMA-Adapter V1 file needs adapter_query.weight and layers.N.attention.gate keys")
     rows = state["adapter_query.weight"].shape[0]
@@ -248,14 +100,13 @@ def _read_official_v1(path: Path, state: dict[str, Tensor]) -> AdapterFile:
     tensors = {"adapter_query.weight": state["adapter_query.weight"]} | {gates[i]: state[gates[i]] for i in used}
     config = AdapterConfig(adapter_len=adapter_len, adapter_layer=adapter_layer, gate_activation="identity")
     # fit_adapter checks that these are the top layers of the base model.
-    return AdapterFile(config, tensors, "official-v1", {"first_layer": str(used[0])})
+    return AdapterFile(path, config, tensors, first_layer=used[0])
 
 
 # Official V2 key prefixes: the LLaMA side under "llama.", CLIP under "clip." (its vision tower under "clip.visual.").
-_V2_LLAMA, _V2_CLIP_VISUAL, _V2_CLIP = "llama.", "clip.visual.", "clip."
-_V2_NUM_HEADS = 16  # the official loader's v_num_heads: a head count cannot be read from weight shapes
-_LLAMA_NORM_RE = re.compile(r"^(norm|layers\.\d+\.(attention_norm|ffn_norm))\.weight$")
-_LAYER_BIAS_RE = re.compile(r"^layers\.\d+\.(attention\.w[qo]|feed_forward\.w[123])\.bias$")
+_V2_LLAMA, _V2_CLIP, _V2_CLIP_VISUAL = "llama.", CLIP_PREFIX, CLIP_PREFIX + "visual."
+# The official loader's v_num_heads (VisualConfig's default): a head count cannot be read from weight shapes.
+_V2_NUM_HEADS = VisualConfig().num_heads
 _BELOW_ADAPTER_RE = re.compile(r"^layers\.(\d+)\.attention\.(gate|new_gate)$")
 _VISUAL_BLOCK_RE = re.compile(r"^visual_blocks\.(\d+)\.")
 
@@ -277,7 +128,7 @@ def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
         if key.startswith(_V2_LLAMA):
             tensors[key.removeprefix(_V2_LLAMA)] = t
         elif key.startswith(_V2_CLIP_VISUAL):
-            tensors["clip." + key.removeprefix(_V2_CLIP_VISUAL)] = t
+            tensors[CLIP_PREFIX + key.removeprefix(_V2_CLIP_VISUAL)] = t
         elif not key.startswith(_V2_CLIP):
             tensors[key] = t
     for key in ("adapter_query.weight", "visual_query.weight", "clip_proj.weight", "visual_blocks.0.mlp.fc1.weight"):
@@ -306,12 +157,12 @@ def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
         adapter_layer=adapter_layer,
         gate_activation="tanh",
         # The official model always has (zero-init) biases; a file without them equals one with zeros.
-        bias=any(_LAYER_BIAS_RE.match(k) for k in tensors),
-        norm=any(_LLAMA_NORM_RE.match(k) for k in tensors),
+        bias=any(role_of(k) is Role.BIAS for k in tensors),
+        norm=any(role_of(k) is Role.NORM for k in tensors),
         lora_rank=lora_rank,
         visual=visual,
     )
-    return AdapterFile(config_out, tensors, "official-v2", {"first_layer": str(first)})
+    return AdapterFile(path, config_out, tensors, first_layer=first)
 
 
 def _read_own_adapter(path: Path) -> AdapterFile:
@@ -330,27 +181,34 @@ def _read_own_adapter(path: Path) -> AdapterFile:
             adapter_len=int(meta["adapter_len"]),
             adapter_layer=int(meta["adapter_layer"]),
             gate_activation=meta["gate_activation"],  # type: ignore[arg-type]
-            prompt_template=meta.get("prompt_template", "alpaca"),
             bias=meta.get("bias", "false") == "true",
             norm=meta.get("norm", "false") == "true",
             lora_rank=int(meta.get("lora_rank", "0")),
             visual=VisualConfig(**visual) if visual is not None else None,
         )
+        base_dims = json.loads(meta["base_model"]) if meta.get("base_model") else None
     except KeyError as e:
         raise CheckpointError(f"{path}: adapter metadata lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: adapter metadata is invalid: {e}") from None
-    return AdapterFile(config, tensors, FORMAT_NAME, dict(meta))
+    return AdapterFile(path, config, tensors, base_dims=base_dims, metadata=dict(meta))
 
 
-def fit_adapter(adapter: AdapterFile, args: ModelArgs, source: str) -> dict[str, Tensor]:
-    """Check an adapter against the base dims and bring its gates to the per-head shape [1, H, 1, 1]."""
-    base = adapter.base_dims()
-    if base is not None and base != args.summary():
-        raise CheckpointError(f"{source} was trained for a base model with {base}, but the loaded base has {args.summary()}")
+def fit_adapter(
+    adapter: AdapterFile, args: ModelConfig, expected: Mapping[str, torch.Size], required: Iterable[str], source: str = ""
+) -> dict[str, Tensor]:
+    """Check an adapter against a loaded model in one step; returns its tensors ready to assign.
+
+    The adapter must be for a base of ``args``' dims and adapt its top layers; every key must be
+    one of ``expected`` (the model's names and shapes) and every ``required`` key must be there.
+    Scalar gates are brought to the per-head shape [1, H, 1, 1].
+    """
+    source = source or f"adapter {adapter.path}"
+    if adapter.base_dims is not None and adapter.base_dims != args.summary():
+        raise CheckpointError(f"{source} was trained for a base model with {adapter.base_dims}, but the loaded base has {args.summary()}")
     n = adapter.config.adapter_layer
     top = args.n_layers - n
-    first = int(adapter.metadata.get("first_layer", top))
+    first = top if adapter.first_layer is None else adapter.first_layer
     if first != top:
         raise CheckpointError(
             f"{source} adapts layers {first}..{first + n - 1}, but the top {n} layers of this {args.n_layers}-layer base start at {top}"
@@ -360,10 +218,11 @@ def fit_adapter(adapter: AdapterFile, args: ModelArgs, source: str) -> dict[str,
         if _GATE_RE.match(name) and t.numel() == 1:
             t = t.reshape(1, 1, 1, 1).expand(1, args.n_heads, 1, 1).clone()  # scalar gate: same for every head
         out[name] = t
+    check_state(expected, out, source, optional=set(expected) - set(required))
     return out
 
 
-def adapter_metadata(config: AdapterConfig, args: ModelArgs, training_args: Mapping[str, object] | None = None) -> dict[str, str]:
+def adapter_metadata(config: AdapterConfig, args: ModelConfig, training_args: Mapping[str, object] | None = None) -> dict[str, str]:
     meta = {
         "format": FORMAT_NAME,
         # Files without extras stay readable by version-1 readers.
@@ -371,7 +230,6 @@ def adapter_metadata(config: AdapterConfig, args: ModelArgs, training_args: Mapp
         "adapter_len": str(config.adapter_len),
         "adapter_layer": str(config.adapter_layer),
         "gate_activation": config.gate_activation,
-        "prompt_template": config.prompt_template,
         "base_model": json.dumps(args.summary(), sort_keys=True),
         "training_args": json.dumps(dict(training_args or {}), sort_keys=True, default=str),
     }
@@ -386,7 +244,7 @@ def save_adapter(
     path: str | Path,
     tensors: Mapping[str, Tensor],
     config: AdapterConfig,
-    args: ModelArgs,
+    args: ModelConfig,
     training_args: Mapping[str, object] | None = None,
 ) -> Path:
     """Write an adapter as .safetensors (fp32) with our metadata; atomic (temp file, then rename)."""
@@ -397,7 +255,3 @@ def save_adapter(
     save_file(data, str(tmp), metadata=adapter_metadata(config, args, training_args))
     os.replace(tmp, path)
     return path
-
-
-def shapes(state: Iterable[tuple[str, Tensor]]) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in state}

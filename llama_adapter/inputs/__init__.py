@@ -1,0 +1,1 @@
+"""What goes into the model: text (tokenizer, prompt templates) and images."""

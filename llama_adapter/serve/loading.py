@@ -1,0 +1,100 @@
+"""Build a ready pipeline from what the user names: a base model directory or repo, then optionally an adapter."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..inputs.tokenizer import Tokenizer
+from ..model.build import build_model, meta_model
+from ..model.quantize import quantized_linear_names
+from ..model.visual import ClipSpec
+from ..options import check_quantize, default_device, default_dtype, parse_dtype
+from ..weights import hub
+from ..weights.base import find_tokenizer, read_base_state, read_model_config
+from ..weights.state import check_state, shapes
+from .adapters import AdapterSource
+from .pipeline import Pipeline
+
+
+def load_base(
+    base: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
+) -> Pipeline:
+    """Load a LLaMA base model (no adapter): a Meta or Hugging Face checkpoint directory, or a Hub repo id.
+
+    Add adapters with ``Pipeline.with_adapter``; every pipeline made that way shares these weights.
+    ``quantize="int8"``: weight-only int8 for the transformer's matrices (serving only).
+    ``compile=True``: decode with a ``torch.compile``d static-shape step (CUDA graphs on GPU);
+    the first request pays the compilation.
+    """
+    check_quantize(quantize)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    base_dir = hub.resolve_base(base)
+    tokenizer = Tokenizer(find_tokenizer(base_dir))
+    args = read_model_config(base_dir, tokenizer.n_words, max_seq_len)
+    skeleton = meta_model(args, None, dtype)
+    int8 = quantized_linear_names(skeleton) if quantize else []
+    # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
+    # so the full-precision model never sits on the device.
+    cpu = torch.device("cpu")
+    state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
+    check_state(shapes(skeleton.state_dict().items()), state, f"base checkpoint {base_dir}")
+    model = build_model(args, None, state.items(), dtype=dtype, device=device, int8=int8)
+    return Pipeline(model, tokenizer, base=str(base), compile=compile)
+
+
+def load(
+    base: str | Path | Pipeline,
+    adapter: AdapterSource | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
+    clip: ClipSpec | None = None,
+) -> Pipeline:
+    """Load a LLaMA base model and (optionally) an adapter, ready to stream: ``load_base`` then ``with_adapter``.
+
+    ``base``: a Meta or Hugging Face checkpoint directory, or a Hub repo id (``owner/name[@rev]``).
+    ``adapter``: an adapter file, an official release name, a Hub repo id or file, or an
+    ``AdapterConfig`` for a fresh (zero-gated) adapter to train.
+    ``clip``: for multimodal adapters, where CLIP comes from (see ``ClipSpec``).  By default it
+    is the CLIP the adapter names (``ViT-L-14`` / ``openai`` for the official V2 models), fetched
+    by open_clip into the Hugging Face cache; CLIP weights are never stored in adapter files.
+    The other options are ``load_base``'s.
+
+    Passing an already loaded ``Pipeline`` as ``base`` is the older spelling of
+    ``base.with_adapter(adapter)`` (kept for one release).
+    """
+    if isinstance(base, Pipeline):
+        warnings.warn("load(pipeline, adapter) is deprecated: use pipeline.with_adapter(adapter)", DeprecationWarning, stacklevel=2)
+        _check_shared(base, device, dtype, max_seq_len, quantize)
+        return base.with_adapter(adapter, clip=clip)
+    pipe = load_base(base, device=device, dtype=dtype, max_seq_len=max_seq_len, quantize=quantize, compile=compile)
+    if adapter is None:
+        if clip is not None:
+            raise ValueError("clip= is only for multimodal adapters, and no adapter was given")
+        return pipe
+    return pipe.with_adapter(adapter, clip=clip)
+
+
+def _check_shared(
+    shared: Pipeline, device: str | torch.device | None, dtype: str | torch.dtype | None, max_seq_len: int | None, quantize: str | None
+) -> None:
+    """A shared base comes as it was loaded; asking for it otherwise is a mistake worth saying."""
+    if device is not None and torch.device(device).type != shared.device.type:
+        raise ValueError(f"the shared base is on {shared.device}; it cannot be moved to {device} (load the base again instead)")
+    if dtype is not None and parse_dtype(dtype) != shared.dtype:
+        raise ValueError(f"the shared base is {shared.dtype}; it cannot be converted to {dtype} (load the base again instead)")
+    if max_seq_len is not None or quantize is not None:
+        raise ValueError("a shared base keeps its max_seq_len and quantization; pass neither")

@@ -30,7 +30,7 @@ from llama_adapter import ImageError, Pipeline, PromptTruncatedWarning
 from llama_adapter.errors import USER_ERRORS, user_message
 from llama_adapter.inputs.images import load_image
 from llama_adapter.inputs.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
-from llama_adapter.options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, one_of
+from llama_adapter.options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, one_of, parse_adapter_shape
 from llama_adapter.tiny import load_tiny, load_tiny_captioner
 
 # The public LLaMA-7B (Hugging Face layout, safetensors) and the official instruction adapter.
@@ -73,6 +73,7 @@ ENV_VARS = {
     "base": "LLAMA_ADAPTER_BASE",
     "adapter": "LLAMA_ADAPTER_ADAPTER",
     "caption_adapter": "LLAMA_ADAPTER_CAPTION_ADAPTER",
+    "adapter_shape": "LLAMA_ADAPTER_ADAPTER_SHAPE",
     "device": "LLAMA_ADAPTER_DEVICE",
     "dtype": "LLAMA_ADAPTER_DTYPE",
     "quantize": "LLAMA_ADAPTER_QUANTIZE",
@@ -86,6 +87,7 @@ class Settings:
     base: str
     adapter: str | None
     caption_adapter: str | None
+    adapter_shape: tuple[int, int] | None  # an official V1 chat adapter's LENxLAYERS, where the file cannot tell
     device: str | None
     dtype: str | None
     quantize: str | None
@@ -103,6 +105,11 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     p.add_argument(
         "--adapter",
         help=f"chat adapter: file, official name or repo id; 'none' for the bare base (default {DEFAULT_ADAPTER}) [{ENV_VARS['adapter']}]",
+    )
+    p.add_argument(
+        "--adapter-shape",
+        metavar="LENxLAYERS",
+        help=f"an official V1 chat adapter's prompt length and layers (e.g. 10x30) [{ENV_VARS['adapter_shape']}]",
     )
     p.add_argument(
         "--caption-adapter",
@@ -135,6 +142,11 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
 
     adapter = pick("adapter") or DEFAULT_ADAPTER
     caption_adapter = pick("caption_adapter") or DEFAULT_CAPTION_ADAPTER
+    shape_text = pick("adapter_shape")
+    try:
+        adapter_shape = parse_adapter_shape(shape_text) if shape_text else None
+    except ValueError as e:
+        p.error(f"--adapter-shape / {ENV_VARS['adapter_shape']}: {e}")
     dtype = pick("dtype")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         p.error(f"{ENV_VARS['dtype']}={dtype!r}: use {one_of(DTYPE_CHOICES)}")
@@ -145,6 +157,7 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         base=pick("base") or DEFAULT_BASE,
         adapter=optional(adapter),
         caption_adapter=optional(caption_adapter),
+        adapter_shape=adapter_shape,
         device=pick("device"),
         dtype=dtype,
         quantize=quantize,
@@ -172,7 +185,9 @@ def load_models(s: Settings) -> Models:
         chat = load_tiny(s.device or "cpu", s.dtype)
         return Models(chat, load_tiny_captioner(chat), tiny=True)
     print(f"Loading {s.base} with adapter {s.adapter or 'none'} (downloads are cached after the first run)...", flush=True)
-    chat = llama_adapter.load(s.base, s.adapter, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
+    chat = llama_adapter.load(
+        s.base, s.adapter, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile, adapter_shape=s.adapter_shape
+    )
     caption = None
     if s.caption_adapter:
         print(f"Loading the image model: {s.caption_adapter} on the same base...", flush=True)
@@ -416,10 +431,11 @@ def build_demo(models: Models) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    handler = logging.StreamHandler()  # our request log only; other libraries keep their own levels
+    handler = logging.StreamHandler()  # the package's log (requests, loaded adapters); other libraries keep their own levels
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    package_log = logging.getLogger("llama_adapter")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
     try:
         models = load_models(settings)
     except USER_ERRORS as e:

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 GateActivation = Literal["tanh", "identity"]
+# The pixel order an image adapter was trained on: CLIP's RGB, or BGR for the official V2 releases, whose
+# training data, demo and app all read images with cv2.imread.
+ChannelOrder = Literal["rgb", "bgr"]
+
+
+# Meta's (and the official LLaMA-Adapter code's) ModelArgs default, for a params.json without norm_eps.
+META_NORM_EPS = 1e-5
 
 
 @dataclass
@@ -63,6 +70,7 @@ class ModelConfig:
         unknown = set(params) - known - {"use_scaled_rope", "max_batch_size"}  # the latter changes nothing here
         if unknown:
             raise ValueError(f"{path}: unsupported params {sorted(unknown)}")
+        params.setdefault("norm_eps", META_NORM_EPS)
         params.update(overrides)
         if params.get("vocab_size", -1) <= 0:
             if tokenizer_vocab is None:
@@ -122,8 +130,11 @@ class VisualConfig:
     depth: int = 8
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    channel_order: ChannelOrder = "rgb"
 
     def __post_init__(self) -> None:
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {self.channel_order!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"visual embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if min(self.clip_dim, self.embed_dim, self.depth, self.num_heads) < 1:

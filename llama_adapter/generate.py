@@ -7,6 +7,7 @@ python -m llama_adapter.generate --base B [--adapter A] (--prompt TEXT | --instr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -14,7 +15,7 @@ import torch
 
 from .errors import USER_ERRORS, user_message
 from .inputs.prompts import caption_prompt, format_prompt
-from .options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING
+from .options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, parse_adapter_shape
 from .serve.loading import load
 from .serve.pipeline import PromptTruncatedWarning
 
@@ -23,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama_adapter.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="base LLaMA: Meta or HF checkpoint directory, or a Hugging Face repo id")
     p.add_argument("--adapter", help="adapter: file, directory, official name (e.g. LLaMA-Adapter-V1) or Hugging Face repo id")
+    p.add_argument(
+        "--adapter-shape",
+        metavar="LENxLAYERS",
+        help="an official V1 file's prompt length and layers (e.g. 10x30)",
+    )
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="raw prompt text, used as is")
     text.add_argument("--instruction", help="an instruction, wrapped in the Alpaca template")
@@ -44,11 +50,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--input goes with --instruction")
     if args.caption and args.image is None:
         p.error("--caption needs --image")
+    if args.adapter_shape is not None:
+        if args.adapter is None:
+            p.error("--adapter-shape goes with --adapter")
+        try:
+            args.adapter_shape = parse_adapter_shape(args.adapter_shape)
+        except ValueError as e:
+            p.error(f"--adapter-shape: {e}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)  # what was loaded (e.g. an adapter's geometry), apart from the text on stdout
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("llama_adapter").addHandler(handler)
+    logging.getLogger("llama_adapter").setLevel(logging.INFO)
     if args.caption:
         prompt = caption_prompt()
     else:
@@ -57,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load(
             args.base,
             args.adapter,
+            adapter_shape=args.adapter_shape,
             device=args.device,
             dtype=args.dtype,
             max_seq_len=args.max_seq_len,

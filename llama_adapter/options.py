@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def parse_adapter_shape(text: str) -> tuple[int, int]:
+    """``LENxLAYERS`` (e.g. ``10x30``, the official V1 release) as (adapter_len, adapter_layer)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"adapter shape {text!r} is not LENxLAYERS with positive numbers, e.g. 10x30")
+    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass(frozen=True)

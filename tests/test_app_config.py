@@ -73,3 +73,12 @@ def test_offline_with_nothing_cached_exits_with_one_clear_message(tmp_path: Path
     assert "Traceback" not in done.stderr + done.stdout
     assert app.DEFAULT_BASE in done.stderr and "not in the local cache" in done.stderr
     assert "python app.py --tiny" in done.stderr and "--base /path/to/" in done.stderr
+
+
+def test_the_v1_adapter_shape_comes_from_a_flag_or_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert app.parse_settings(["--adapter-shape", "10x30"], env={}).adapter_shape == (10, 30)
+    assert app.parse_settings([], env={"LLAMA_ADAPTER_ADAPTER_SHAPE": "5x3"}).adapter_shape == (5, 3)
+    assert app.parse_settings([], env={}).adapter_shape is None
+    with pytest.raises(SystemExit) as e:
+        app.parse_settings([], env={"LLAMA_ADAPTER_ADAPTER_SHAPE": "ten by thirty"})
+    assert e.value.code == 2 and "is not LENxLAYERS" in capsys.readouterr().err

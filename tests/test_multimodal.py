@@ -171,7 +171,7 @@ def test_official_v2_file_loads_every_key(tmp_path: Path, hf_dir: Path, pipe, lo
     cfg = loaded.model.adapter_config
     assert (cfg.adapter_len, cfg.adapter_layer, cfg.gate_activation) == (QUERY_LEN, ADAPTED, "tanh")
     assert (cfg.bias, cfg.norm, cfg.lora_rank) == (True, True, LORA_RANK if lora else 0)
-    assert cfg.visual == VisualConfig(clip_dim=16, embed_dim=32, depth=2, num_heads=16, mlp_ratio=4.0)
+    assert cfg.visual == VisualConfig(clip_dim=16, embed_dim=32, depth=2, num_heads=16, mlp_ratio=4.0, channel_order="bgr")
     ours = loaded.model.state_dict() | loaded.visual.state_dict()
     unused = []
     for key, value in ckpt["model"].items():

@@ -46,3 +46,19 @@ def test_fit_chat_keeps_the_message_even_alone_over_budget(tokenizer_path: Path)
     tok = Tokenizer(tokenizer_path)
     fitted = fit_chat([("a", "b")], "a long message " * 50, lambda t: len(tok.encode(t)), budget=5)
     assert fitted.dropped_turns == 1 and fitted.text == format_prompt("a long message " * 50)
+
+
+def test_an_empty_input_follows_each_models_own_code() -> None:
+    """The official V2 format_prompt uses the input template whenever an input is given, even empty; the V1
+    training code drops an empty input, and so do our instruction records."""
+    from llama_adapter.inputs.prompts import PROMPT_INPUT, PROMPT_NO_INPUT
+    from llama_adapter.train.data import instruction_record
+    from llama_adapter.train.image_data import image_text_record
+
+    assert format_prompt("Name a color.", "") == PROMPT_INPUT.format(instruction="Name a color.", input="")
+    assert format_prompt("Name a color.") == PROMPT_NO_INPUT.format(instruction="Name a color.")
+    v1 = instruction_record({"instruction": "Name a color.", "input": "", "output": "red"})
+    assert v1.prompt() == format_prompt("Name a color.")
+    v2 = image_text_record({"instruction": "Name a color.", "input": "", "output": "red"})
+    assert v2.prompt() == format_prompt("Name a color.", "")
+    assert image_text_record({"instruction": "Name a color.", "output": "red"}).prompt() == format_prompt("Name a color.")

@@ -21,8 +21,14 @@ CAPTION_INSTRUCTION = "Generate caption of this image"
 
 
 def format_prompt(instruction: str, input: str | None = None) -> str:
-    """The Alpaca prompt for ``instruction`` (and optional ``input``); the response follows it."""
-    if input:
+    """The Alpaca prompt for ``instruction`` (and optional ``input``); the response follows it.
+
+    The input template is used whenever ``input`` is given, even empty, as the official V2
+    ``format_prompt`` does (its training data pass a record's ``input`` as it is).  The official V1
+    training code instead drops an empty input; our instruction records follow that rule by passing
+    ``input or None`` (``train.data.InstructionRecord``).
+    """
+    if input is not None:
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
 

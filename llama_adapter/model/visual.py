@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
-from ..config import VisualConfig
+from ..config import ChannelOrder, VisualConfig
 from ..errors import ResolveError
 from ..inputs.images import ImageInput, load_image
 from ..roles import CLIP_PREFIX, Role, role_of
@@ -41,13 +42,16 @@ class ImageTransform:
     With ``train`` it is open_clip's training transform instead, as the official V2 training
     uses it: a random resized crop of 90-100% of the image (bicubic) to 224, then CLIP mean/std.
     Converting to RGB comes first, so P, CMYK and RGBA images are resized as the colours they show.
+    With ``channel_order="bgr"`` the channels are then reversed, as ``Image.fromarray(cv2.imread(path))``
+    hands them to the official V2 models: this is the one place where an adapter's channel order applies.
     """
 
-    def __init__(self, preprocess_cfg: Mapping[str, Any], train: bool = False) -> None:
+    def __init__(self, preprocess_cfg: Mapping[str, Any], train: bool = False, channel_order: ChannelOrder = "rgb") -> None:
         import open_clip
 
         cfg = dict(preprocess_cfg)
         self.cfg = cfg
+        self.channel_order = channel_order
         self.transform = open_clip.image_transform(
             cfg["size"],
             is_train=train,
@@ -61,7 +65,13 @@ class ImageTransform:
 
     def __call__(self, image: ImageInput) -> Tensor:
         """Pixels [3, H, W] (float32, normalised)."""
-        return self.transform(load_image(image))
+        return self.pixels_of(load_image(image))
+
+    def pixels_of(self, rgb: Image.Image) -> Tensor:
+        """Pixels [3, H, W] of an upright RGB image, in the adapter's channel order."""
+        if self.channel_order == "bgr":
+            rgb = Image.merge("RGB", rgb.split()[::-1])
+        return self.transform(rgb)
 
 
 # ---------------------------------------------------------------- CLIP from open_clip
@@ -162,7 +172,7 @@ class VisualEncoder(nn.Module):
         if clip_dim != cfg.clip_dim:
             raise ValueError(f"the visual adapter expects CLIP tokens of width {cfg.clip_dim}, but this CLIP gives {clip_dim}")
         self.cfg, self.query_len = cfg, query_len
-        self.transform = ImageTransform(preprocess_cfg)
+        self.transform = ImageTransform(preprocess_cfg, channel_order=cfg.channel_order)
         self.clip = clip
         self.clip_proj = nn.Linear(clip_dim, cfg.embed_dim)
         self.clip_proj_norm = nn.LayerNorm(cfg.embed_dim)

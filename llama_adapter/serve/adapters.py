@@ -12,28 +12,31 @@ from ..model.llama import Transformer
 from ..model.quantize import Int8Linear
 from ..model.visual import ClipSpec, VisualEncoder, build_visual
 from ..weights import hub
-from ..weights.adapter import AdapterFile, fit_adapter, read_adapter
+from ..weights.adapter import AdapterFile, AdapterShape, fit_adapter, read_adapter
 from ..weights.state import shapes
 
 # What names an adapter: a file, an official release name, a Hub repo id or file, or a config for a fresh one.
 AdapterSource = str | Path | AdapterConfig
 
 
-def read_adapter_source(adapter: str | Path) -> AdapterFile:
+def read_adapter_source(adapter: str | Path, shape: AdapterShape | None = None, n_layers: int | None = None) -> AdapterFile:
     """The adapter file that ``adapter`` names, downloaded (and cached) when it is a release name or repo id."""
-    return read_adapter(hub.resolve_adapter(adapter))
+    return read_adapter(hub.resolve_adapter(adapter), shape=shape, n_layers=n_layers)
 
 
 def attach_adapter(
-    base: Transformer, adapter: AdapterSource | AdapterFile, clip: ClipSpec | None
+    base: Transformer, adapter: AdapterSource | AdapterFile, clip: ClipSpec | None, shape: AdapterShape | None = None
 ) -> tuple[Transformer, VisualEncoder | None]:
     """A model with ``adapter`` on ``base``'s very tensors (no copy), plus its visual encoder for multimodal adapters.
 
-    An ``AdapterConfig`` gives a fresh adapter (zero gates: the base model's outputs).
+    An ``AdapterConfig`` gives a fresh adapter (zero gates: the base model's outputs).  ``shape``
+    is (adapter_len, adapter_layer) for files that do not record it (official V1).
     """
     file = adapter if isinstance(adapter, AdapterFile) else None
     if file is None and not isinstance(adapter, AdapterConfig):
-        file = read_adapter_source(adapter)
+        file = read_adapter_source(adapter, shape, base.args.n_layers)
+    elif shape is not None:
+        raise ValueError("adapter_shape is for adapter files that do not record their shape (official V1)")
     cfg = file.config if file is not None else adapter
     assert isinstance(cfg, AdapterConfig)
     args, dtype, device = base.args, base.tok_embeddings.weight.dtype, base.rope_cos.device

@@ -13,6 +13,7 @@ from ..model.quantize import quantized_linear_names
 from ..model.visual import ClipSpec
 from ..options import check_quantize, default_device, default_dtype, parse_dtype
 from ..weights import hub
+from ..weights.adapter import AdapterShape
 from ..weights.base import find_tokenizer, read_base_state, read_model_config
 from ..weights.state import check_state, shapes
 from .adapters import AdapterSource
@@ -62,6 +63,7 @@ def load(
     quantize: str | None = None,
     compile: bool = False,
     clip: ClipSpec | None = None,
+    adapter_shape: AdapterShape | None = None,
 ) -> Pipeline:
     """Load a LLaMA base model and (optionally) an adapter, ready to stream: ``load_base`` then ``with_adapter``.
 
@@ -71,6 +73,9 @@ def load(
     ``clip``: for multimodal adapters, where CLIP comes from (see ``ClipSpec``).  By default it
     is the CLIP the adapter names (``ViT-L-14`` / ``openai`` for the official V2 models), fetched
     by open_clip into the Hugging Face cache; CLIP weights are never stored in adapter files.
+    ``adapter_shape``: (adapter_len, adapter_layer) of an official V1 file, which does not record
+    it; without it the shape comes from a ``lenX_layerY`` file name, the non-zero gates, or the
+    official length 10, and otherwise the file is refused with a message.
     The other options are ``load_base``'s.
 
     Passing an already loaded ``Pipeline`` as ``base`` is the older spelling of
@@ -79,13 +84,13 @@ def load(
     if isinstance(base, Pipeline):
         warnings.warn("load(pipeline, adapter) is deprecated: use pipeline.with_adapter(adapter)", DeprecationWarning, stacklevel=2)
         _check_shared(base, device, dtype, max_seq_len, quantize)
-        return base.with_adapter(adapter, clip=clip)
+        return base.with_adapter(adapter, clip=clip, adapter_shape=adapter_shape)
     pipe = load_base(base, device=device, dtype=dtype, max_seq_len=max_seq_len, quantize=quantize, compile=compile)
     if adapter is None:
-        if clip is not None:
-            raise ValueError("clip= is only for multimodal adapters, and no adapter was given")
+        if clip is not None or adapter_shape is not None:
+            raise ValueError("clip= and adapter_shape= are for adapters, and no adapter was given")
         return pipe
-    return pipe.with_adapter(adapter, clip=clip)
+    return pipe.with_adapter(adapter, clip=clip, adapter_shape=adapter_shape)
 
 
 def _check_shared(

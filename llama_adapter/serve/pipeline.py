@@ -15,6 +15,7 @@ from ..inputs.tokenizer import StreamDecoder, Tokenizer
 from ..model.llama import Transformer
 from ..model.visual import ClipSpec, VisualEncoder
 from ..options import SAMPLING
+from ..weights.adapter import AdapterShape
 from .adapters import AdapterSource, attach_adapter
 from .engine import CacheSlot, Decoder, check_sampling
 
@@ -208,14 +209,14 @@ class Pipeline:
         self.compiled = compile
         self._decoder = Decoder(model, tokenizer.pad_id, compile=compile, cache_slot=cache_slot)
 
-    def with_adapter(self, adapter: AdapterSource, *, clip: ClipSpec | None = None) -> Pipeline:
+    def with_adapter(self, adapter: AdapterSource, *, clip: ClipSpec | None = None, adapter_shape: AdapterShape | None = None) -> Pipeline:
         """A pipeline with ``adapter`` on this pipeline's base: the very same base tensors and KV cache, no copy.
 
         ``adapter``: an adapter file, an official release name, a Hub repo id or file, or an
         ``AdapterConfig`` for a fresh (zero-gated) adapter.  Any adapter this pipeline has is left
-        out.  ``clip`` is for multimodal adapters (see ``load``).
+        out.  ``clip`` is for multimodal adapters, ``adapter_shape`` for official V1 files (see ``load``).
         """
-        model, visual = attach_adapter(self.model, adapter, clip)
+        model, visual = attach_adapter(self.model, adapter, clip, adapter_shape)
         name = None if isinstance(adapter, AdapterConfig) else str(adapter)
         return Pipeline(model, self.tokenizer, self.base, name, visual, self.compiled, self.cache_slot)
 

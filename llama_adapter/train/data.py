@@ -56,7 +56,7 @@ class InstructionRecord:
         return None
 
     def prompt(self) -> str:
-        return format_prompt(self.instruction, self.input)
+        return format_prompt(self.instruction, self.input or None)  # the V1 training code drops an empty input
 
     def response(self) -> str:
         return self.output

@@ -59,7 +59,9 @@ def image_text_record(obj: object) -> ImageTextRecord:
         return ImageTextRecord(caption_prompt(), string_field(obj, "caption", required=True), image)
     if kinds[0] == "instruction":
         instruction, output = string_field(obj, "instruction", required=True), string_field(obj, "output", required=True)
-        return ImageTextRecord(format_prompt(instruction, string_field(obj, "input", required=False)), output, image)
+        # As the official V2 data: a record's input goes to format_prompt as it is, even empty; none without the key.
+        given = string_field(obj, "input", required=False) if "input" in obj else None
+        return ImageTextRecord(format_prompt(instruction, given), output, image)
     prompt, response = conversation_prompt(obj["conversations"])
     return ImageTextRecord(prompt, response, image)
 

@@ -70,7 +70,7 @@ class ImageFeeder:
 
     def __init__(self, visual: VisualEncoder, seed: int) -> None:
         self.visual, self.seed = visual, seed
-        self.augment = ImageTransform(visual.transform.cfg, train=True)
+        self.augment = ImageTransform(visual.transform.cfg, train=True, channel_order=visual.cfg.channel_order)
 
     def train_prompts(self, examples: Sequence[Example], indices: Sequence[int], epoch: int) -> Tensor | None:
         pixels = []
@@ -80,11 +80,11 @@ class ImageFeeder:
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
-                pixels.append(self.augment.transform(_read(example.image)))
+                pixels.append(self.augment.pixels_of(_read(example.image)))
         return self._prompts(pixels)
 
     def eval_prompts(self, examples: Sequence[Example]) -> Tensor | None:
-        return self._prompts([None if e.image is None else self.visual.transform.transform(_read(e.image)) for e in examples])
+        return self._prompts([None if e.image is None else self.visual.transform.pixels_of(_read(e.image)) for e in examples])
 
     def _prompts(self, pixels: list[Tensor | None]) -> Tensor | None:
         rows = [i for i, p in enumerate(pixels) if p is not None]

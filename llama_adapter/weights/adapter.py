@@ -7,6 +7,7 @@ Each reader turns its file into an ``AdapterFile`` with tensors in our Transform
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,8 @@ from ..config import AdapterConfig, ModelConfig, VisualConfig
 from ..errors import CheckpointError
 from ..roles import CLIP_PREFIX, Role, role_of
 from .state import check_state, names
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "llama-adapter"
 # Version 2 adds the V2 extras (bias, norm, lora_rank, visual); files without extras stay version 1.
@@ -47,18 +50,49 @@ class AdapterFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
+# (adapter_len, adapter_layer), where a caller knows the shape that a file cannot tell.
+AdapterShape = tuple[int, int]
+
+
+def read_adapter(path: str | Path, *, shape: AdapterShape | None = None, n_layers: int | None = None) -> AdapterFile:
+    """Read an adapter file of any supported kind; its geometry is logged in one line.
+
+    ``shape`` is the caller's (adapter_len, adapter_layer): an official V1 file does not record
+    its own, and a file that does must agree.  ``n_layers`` (the base's) lets a V1 file fall back
+    to the official default length of 10 only where that fits the model.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
     if path.suffix == ".safetensors":
-        return _read_own_adapter(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    if "model" in state and "config" in state:
-        return _read_official_v2(path, state["model"], state["config"])
-    return _read_official_v1(path, state)
+        adapter, kind = _read_own_adapter(path), "llama-adapter format"
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        if isinstance(state.get("model"), dict):  # the official V2 loader defaults a missing 'config' to {}
+            adapter, kind = _read_official_v2(path, state["model"], state.get("config", {})), "official V2"
+        else:
+            return _read_official_v1(path, state, shape, n_layers)
+    found = (adapter.config.adapter_len, adapter.config.adapter_layer)
+    if shape is not None and tuple(shape) != found:
+        raise CheckpointError(f"{path} holds a {found[0]}x{found[1]} adapter, not the {shape[0]}x{shape[1]} that was asked for")
+    _log_geometry(adapter, kind, "from the file")
+    return adapter
+
+
+def _log_geometry(adapter: AdapterFile, kind: str, how: str) -> None:
+    cfg = adapter.config
+    gate = "raw" if cfg.gate_activation == "identity" else cfg.gate_activation
+    extras = [
+        name
+        for name, on in (("bias", cfg.bias), ("norm", cfg.norm), (f"LoRA {cfg.lora_rank}", cfg.lora_rank), ("visual", cfg.visual))
+        if on
+    ]
+    log.info(
+        "adapter %s: %s, %d prompts x %d layers (%s), %s gates%s",
+        adapter.path, kind, cfg.adapter_len, cfg.adapter_layer, how, gate, f", {', '.join(extras)}" if extras else "",
+    )  # fmt: skip
 
 
 def _top_gates(path: Path, tensors: Mapping[str, Tensor], adapter_layer: int) -> list[int]:
@@ -71,13 +105,15 @@ def _top_gates(path: Path, tensors: Mapping[str, Tensor], adapter_layer: int) ->
 
 
 _V1_NAME_RE = re.compile(r"len(\d+)_layer(\d+)")
+V1_DEFAULT_LEN = 10  # the official V1 loader's adapter_len, whatever the file
 
 
-def _read_official_v1(path: Path, state: dict[str, Tensor]) -> AdapterFile:
+def _read_official_v1(path: Path, state: dict[str, Tensor], shape: AdapterShape | None, n_layers: int | None) -> AdapterFile:
     """The official V1 release: ``adapter_query.weight`` [layer*len, D] and per-layer gates (raw, no tanh).
 
     Its training model has a gate in every layer, so a file may carry gates below the adapted
-    layers; the official inference code never uses those, and neither do we.
+    layers (the official extract script writes them, exactly zero); the official inference code
+    never uses those, and neither do we.  The file does not record its shape; see ``_v1_shape``.
     """
     gates = {int(m.group(1)): k for k in state if (m := _GATE_RE.match(k))}
     unexpected = sorted(k for k in state if k != "adapter_query.weight" and not _GATE_RE.match(k))
@@ -86,21 +122,45 @@ def _read_official_v1(path: Path, state: dict[str, Tensor]) -> AdapterFile:
     if "adapter_query.weight" not in state or not gates:
         raise CheckpointError(f"{path}: a LLaMA-Adapter V1 file needs adapter_query.weight and layers.N.attention.gate keys")
     rows = state["adapter_query.weight"].shape[0]
-    hint = _V1_NAME_RE.search(path.name)
-    if hint and int(hint.group(1)) * int(hint.group(2)) == rows:
-        adapter_len, adapter_layer = int(hint.group(1)), int(hint.group(2))
-    elif rows % len(gates) == 0:
-        adapter_len, adapter_layer = rows // len(gates), len(gates)
-    else:
-        raise CheckpointError(
-            f"{path}: cannot tell adapter_len and adapter_layer from {rows} prompt rows and {len(gates)} gates; "
-            "name the file with its shape, e.g. ..._len10_layer30.pth"
-        )
+    nonzero = sum(bool(state[k].count_nonzero()) for k in gates.values())
+    (adapter_len, adapter_layer), how = _v1_shape(path, rows, len(gates), nonzero, shape, n_layers)
     used = _top_gates(path, state, adapter_layer)
     tensors = {"adapter_query.weight": state["adapter_query.weight"]} | {gates[i]: state[gates[i]] for i in used}
     config = AdapterConfig(adapter_len=adapter_len, adapter_layer=adapter_layer, gate_activation="identity")
     # fit_adapter checks that these are the top layers of the base model.
-    return AdapterFile(path, config, tensors, first_layer=used[0])
+    adapter = AdapterFile(path, config, tensors, first_layer=used[0])
+    _log_geometry(adapter, "official V1", how)
+    return adapter
+
+
+def _v1_shape(
+    path: Path, rows: int, n_gates: int, nonzero: int, shape: AdapterShape | None, n_layers: int | None
+) -> tuple[AdapterShape, str]:
+    """A V1 file's (adapter_len, adapter_layer) and how it was found, in this order: the caller's shape; a
+    ``lenX_layerY`` file name that multiplies out; the count of non-zero gates (the trained layers) when it
+    divides the rows; the official length 10 when it divides the rows and fits the model.  Never a guess."""
+
+    def fits(length: int, layers: int) -> bool:
+        return length >= 1 and 1 <= layers <= min(n_gates, n_layers or n_gates) and length * layers == rows
+
+    if shape is not None:
+        if not fits(*shape):
+            raise CheckpointError(
+                f"{path}: an adapter of shape {shape[0]}x{shape[1]} does not fit this file's {rows} prompt rows and "
+                f"{n_gates} gates" + (f" on a {n_layers}-layer base" if n_layers else "")
+            )
+        return tuple(shape), "as given"
+    if (hint := _V1_NAME_RE.search(path.name)) and fits(int(hint.group(1)), int(hint.group(2))):
+        return (int(hint.group(1)), int(hint.group(2))), "from the file name"
+    if nonzero and rows % nonzero == 0 and fits(rows // nonzero, nonzero):
+        return (rows // nonzero, nonzero), f"from its {nonzero} non-zero gates"
+    if rows % V1_DEFAULT_LEN == 0 and fits(V1_DEFAULT_LEN, rows // V1_DEFAULT_LEN):
+        return (V1_DEFAULT_LEN, rows // V1_DEFAULT_LEN), f"the official length {V1_DEFAULT_LEN}"
+    raise CheckpointError(
+        f"{path}: cannot tell this LLaMA-Adapter V1 file's shape from its {rows} prompt rows and {n_gates} gates "
+        f"({nonzero} non-zero). Pass it as adapter_len x adapter_layer: load(..., adapter_shape=(LEN, LAYERS)) or "
+        "--adapter-shape LENxLAYERS (the official release is 10x30)"
+    )
 
 
 # Official V2 key prefixes: the LLaMA side under "llama.", CLIP under "clip." (its vision tower under "clip.visual.").
@@ -114,13 +174,16 @@ _VISUAL_BLOCK_RE = re.compile(r"^visual_blocks\.(\d+)\.")
 def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
     """An official V2 multimodal file: ``{'model': state, 'config': {'w_bias', 'w_lora', 'lora_rank'}}``.
 
+    As the official loader, a missing ``config`` means no LoRA, and a LoRA file without ``new_gate``
+    keeps the official model's initial new_gate of 1.
+
     Keys map to ours by dropping ``llama.`` (LLaMA side) and ``visual.`` after ``clip.`` (CLIP's
     vision tower); the visual adapter's names are already ours.  Two kinds of keys are read and
     deliberately not used, as in the official code: CLIP's text tower (``clip.*`` outside
     ``clip.visual``) and the gates (and new_gates) of layers below the adapted ones.
     """
-    if not isinstance(model, dict) or not isinstance(config, dict):
-        raise CheckpointError(f"{path}: an official V2 file holds dicts under 'model' and 'config'")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: an official V2 file's 'config' must be a dict, not {type(config).__name__}")
     tensors: dict[str, Tensor] = {}
     for key, t in model.items():
         if not isinstance(t, Tensor):
@@ -145,12 +208,16 @@ def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
     lora_rank = config.get("lora_rank", 16) if w_lora else 0
     if not isinstance(lora_rank, int) or lora_rank < 0:
         raise CheckpointError(f"{path}: config lora_rank {lora_rank!r} is not a rank")
+    if lora_rank:
+        for layer in range(first, first + adapter_layer):
+            tensors.setdefault(f"layers.{layer}.attention.new_gate", torch.ones(1, 1, 1, 1))
     visual = VisualConfig(
         clip_dim=tensors["clip_proj.weight"].shape[1],
         embed_dim=embed_dim,
         depth=1 + max(int(m.group(1)) for k in tensors if (m := _VISUAL_BLOCK_RE.match(k))),
         num_heads=_V2_NUM_HEADS,
         mlp_ratio=tensors["visual_blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        channel_order="bgr",  # trained and demonstrated on cv2.imread's pixels
     )
     config_out = AdapterConfig(
         adapter_len=query_len,

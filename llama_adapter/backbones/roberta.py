@@ -72,7 +72,7 @@ def load_qa_model(name: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForQuestionAnswering.from_pretrained(name, attn_implementation="sdpa")
+        model = AutoModelForQuestionAnswering.from_pretrained(name)
     except OSError as e:
         where = "directory" if Path(name).exists() else "Hugging Face model id"
         raise BackboneError(f"cannot load {where} {name!r}: {e}") from e

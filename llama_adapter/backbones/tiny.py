@@ -64,3 +64,60 @@ def save_tiny_roberta(out: str | Path, texts: Iterable[str], seed: int = 0, **ov
     tokenizer.save_pretrained(out)
     tiny_roberta(len(tokenizer), seed, **overrides).save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- synthetic tasks
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def colour_images(root: str | Path, per_class: dict[str, int], size: int = 40, seed: int = 0) -> Path:
+    """``root/<split>/<colour>/<i>.png``: noisy images of one colour per class, e.g. ``{"train": 8, "val": 4}``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, n in per_class.items():
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 60, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+FILLER = "the a of to in is it that was for on are as with his they at be this from have or one had by".split()
+ANSWERS = "river stone cloud apple".split()
+KEYWORD = "marker"
+QUESTION = "Which word follows the marker?"
+
+
+def keyword_squad(n: int, seed: int, version_2: bool = False, unanswerable: float = 0.3) -> dict:
+    """A SQuAD-format file whose answer is the word after the keyword ``marker`` in a context of filler words;
+    with ``version_2``, some contexts have no keyword and the question is unanswerable."""
+    import random
+
+    rng = random.Random(seed)
+    paragraphs = []
+    for i in range(n):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(8, 20))]
+        qa: dict = {"id": f"q{seed}-{i}", "question": QUESTION}
+        if version_2 and rng.random() < unanswerable:
+            qa |= {"answers": [], "is_impossible": True}
+        else:
+            answer = rng.choice(ANSWERS)
+            at = rng.randint(0, len(words))
+            words[at:at] = [KEYWORD, answer]
+            start = len(" ".join(words[: at + 1])) + 1
+            qa["answers"] = [{"text": answer, "answer_start": start}]
+            if version_2:
+                qa["is_impossible"] = False
+        paragraphs.append({"context": " ".join(words) + ".", "qas": [qa]})
+    return {"version": "v2.0" if version_2 else "1.1", "data": [{"title": "keyword", "paragraphs": paragraphs}]}
+
+
+def squad_texts() -> list[str]:
+    """Text to train the tiny tokenizer on: every word the synthetic task uses."""
+    return [" ".join(FILLER + ANSWERS + [KEYWORD, QUESTION])] * 20

@@ -127,8 +127,10 @@ def build(args: argparse.Namespace, classes: list[str], world: Dist) -> nn.Modul
     return model
 
 
-def train(args: argparse.Namespace) -> Path | None:
-    """Run (or resume) training as ``args`` say; returns the adapter file (None when stopped early)."""
+def train(args: argparse.Namespace) -> nn.Module:
+    """Run (or resume) training as ``args`` say; returns the model with its trained adapter and head.
+
+    The adapter file is written to ``OUT/adapter.safetensors`` at the end (not when stopped by --stop-after)."""
     world = init_distributed(args.device)
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
@@ -142,7 +144,8 @@ def train(args: argparse.Namespace) -> Path | None:
     if world.main:
         describe(args, model, task, train_items, val_items, classes, world)
     trajectory = {"model": args.model, "train": str(train_source), "val": str(val_source)}
-    return fit(task, args, world, trajectory)
+    fit(task, args, world, trajectory)
+    return model
 
 
 def describe(args, model: nn.Module, task: ImageTask, train: list[LabelledImage], val: list[LabelledImage], classes: list[str], world: Dist) -> None:

@@ -151,8 +151,10 @@ def build(args: argparse.Namespace, world: Dist):
     return model, tokenizer
 
 
-def train(args: argparse.Namespace) -> Path | None:
-    """Run (or resume) training as ``args`` say; returns the adapter file (None when stopped early)."""
+def train(args: argparse.Namespace) -> nn.Module:
+    """Run (or resume) training as ``args`` say; returns the model with its trained adapter and head.
+
+    The adapter file is written to ``OUT/adapter.safetensors`` at the end (not when stopped by --stop-after)."""
     world = init_distributed(args.device)
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
@@ -178,7 +180,8 @@ def train(args: argparse.Namespace) -> Path | None:
               "top layers + per-head gates + the span head")  # fmt: skip
     trajectory = {"model": args.model, "train": str(args.train), "val": str(args.val), "max_seq_len": args.max_seq_len,
                   "doc_stride": args.doc_stride}  # fmt: skip
-    return fit(task, args, world, trajectory)
+    fit(task, args, world, trajectory)
+    return model
 
 
 @dataclass

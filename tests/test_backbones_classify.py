@@ -209,7 +209,7 @@ def test_bad_image_folders_are_reported_by_file_before_any_model_loads(images: P
 def test_csv_data_is_read_relative_to_the_file_and_checked_by_line(images: Path, tmp_path: Path) -> None:
     rows = ["path,label"] + [f"{p.relative_to(images)},{p.parent.name}" for p in sorted((images / "train").glob("*/*.png"))]
     (images / "train.csv").write_text("\n".join(rows) + "\n")
-    (images / "val.csv").write_text(f"val/red/0.png,red\nval/red/missing.png,red\nval/red/1.png\n,blue\n")
+    (images / "val.csv").write_text("val/red/0.png,red\nval/red/missing.png,red\nval/red/1.png\n,blue\n")
     with pytest.raises(ValueError) as e:
         read_labelled_images(images / "train.csv", images / "val.csv")
     message = str(e.value)

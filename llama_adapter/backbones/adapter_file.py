@@ -74,7 +74,7 @@ def read_backbone_adapter(path: str | Path, task: str | None = None) -> tuple[di
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise BackboneError(f"{path} is not a safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
@@ -101,7 +101,9 @@ def read_backbone_adapter(path: str | Path, task: str | None = None) -> tuple[di
     return tensors, info
 
 
-def load_into(model: nn.Module, tensors: dict[str, Tensor], info: AdapterInfo, shape: dict[str, int], expected: set[str], where: str) -> None:
+def load_into(
+    model: nn.Module, tensors: dict[str, Tensor], info: AdapterInfo, shape: dict[str, int], expected: set[str], where: str
+) -> None:
     """Copy an adapter's tensors into ``model`` (whose adapters and head are already in place).
 
     ``shape`` is the backbone's (depth, dim, heads) and ``expected`` the names the file must hold exactly.
@@ -113,7 +115,9 @@ def load_into(model: nn.Module, tensors: dict[str, Tensor], info: AdapterInfo, s
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(unknown)}"] if unknown else [])
         raise BackboneError(f"{where} does not fit this model: {'; '.join(parts)}")
     state = model.state_dict()
-    wrong = [f"{k} {tuple(tensors[k].shape)} (model {tuple(state[k].shape)})" for k in sorted(expected) if tensors[k].shape != state[k].shape]
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} (model {tuple(state[k].shape)})" for k in sorted(expected) if tensors[k].shape != state[k].shape
+    ]
     if wrong:
         raise BackboneError(f"{where}: tensor shapes differ from the model's: {', '.join(wrong)}")
     params = dict(model.named_parameters())

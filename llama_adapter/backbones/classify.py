@@ -148,7 +148,9 @@ def train(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def describe(args, model: nn.Module, task: ImageTask, train: list[LabelledImage], val: list[LabelledImage], classes: list[str], world: Dist) -> None:
+def describe(
+    args, model: nn.Module, task: ImageTask, train: list[LabelledImage], val: list[LabelledImage], classes: list[str], world: Dist
+) -> None:
     shape = vit_shape(model)
     n = sum(p.numel() for p in task.params.values())
     total = sum(p.numel() for p in model.parameters())

@@ -32,7 +32,9 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "base_model", model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise BackboneError(f"{type(model).__name__} is not a RoBERTa/BERT-style encoder (no .encoder.layer); use RobertaModel or a task model built on it")
+        raise BackboneError(
+            f"{type(model).__name__} is not a RoBERTa/BERT-style encoder (no .encoder.layer); use RobertaModel or a task model built on it"
+        )
     for i, layer in enumerate(layers):
         attention = getattr(layer, "attention", None)
         self_attn, output = getattr(attention, "self", None), getattr(attention, "output", None)

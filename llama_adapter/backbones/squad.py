@@ -44,7 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", required=True, help="training questions, SQuAD JSON (train-v1.1.json, train-v2.0.json)")
     p.add_argument("--val", required=True, help="validation questions, SQuAD JSON (dev-v1.1.json, dev-v2.0.json)")
     p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window, question included (default: %(default)s)")
-    p.add_argument("--doc-stride", type=int, default=128, help="tokens shared by consecutive windows of a long context (default: %(default)s)")
+    p.add_argument(
+        "--doc-stride", type=int, default=128, help="tokens shared by consecutive windows of a long context (default: %(default)s)"
+    )
     p.add_argument("--max-answer-len", type=int, default=30, help="longest answer span, in tokens (default: %(default)s)")
     add_training_args(p, DEFAULTS)
     args = p.parse_args(argv)
@@ -102,9 +104,10 @@ class QATask:
         return squad_scores(mine, golds, self.settings.version_2)
 
     def save(self, path: Path, training_args: dict) -> Path:
-        info = AdapterInfo("transformers", training_args["model"], "squad", training_args["adapter_len"], training_args["adapter_layer"],
-                           roberta_shape(self.model), vars(self.settings), trainable_parameters=sum(p.numel() for p in self.params.values()),
-                           training_args=training_args)  # fmt: skip
+        args = training_args
+        n = sum(p.numel() for p in self.params.values())
+        info = AdapterInfo("transformers", args["model"], "squad", args["adapter_len"], args["adapter_layer"], roberta_shape(self.model),
+                           vars(self.settings), trainable_parameters=n, training_args=args)  # fmt: skip
         return save_backbone_adapter(path, self.params, info)
 
 

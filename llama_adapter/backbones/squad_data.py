@@ -117,9 +117,9 @@ def _question(qa: object, context: str, where: str, training: bool) -> tuple[Que
             continue
         answers.append((text, start))
     if impossible is True and raw:
-        problems.append(f"{where}: marked is_impossible but has answers; unanswerable questions have \"answers\": []")
+        problems.append(f'{where}: marked is_impossible but has answers; unanswerable questions have "answers": []')
     if impossible is False and not raw:
-        problems.append(f"{where}: no answers; mark unanswerable questions \"is_impossible\": true (SQuAD v2.0)")
+        problems.append(f'{where}: no answers; mark unanswerable questions "is_impossible": true (SQuAD v2.0)')
     if problems:
         return None, problems
     return Question(qid, question.strip(), context, tuple(answers), impossible, where), []

@@ -53,7 +53,9 @@ def tiny_roberta_tokenizer(texts: Iterable[str], vocab_size: int = 400):
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS)
     bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False)
-    names = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    names = dict(
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>"
+    )
     return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, **names)
 
 

@@ -57,15 +57,26 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict[str, object]) -
     """The flags of the recipe, shared by both commands; ``defaults`` gives the task's."""
     p.add_argument("--out", required=True, help="output directory: adapter.safetensors, checkpoint.pt, metrics.jsonl")
     p.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training data (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="items per process per micro-batch (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help="items per process per micro-batch (default: %(default)s)"
+    )
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     lr = p.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=float, help="peak learning rate (default: blr * effective batch / 256)")
-    lr.add_argument("--blr", type=float, default=defaults["blr"], help="base learning rate for an effective batch of 256 (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="AdamW decay on prompts and head weights (default: %(default)s)")
+    lr.add_argument(
+        "--blr", type=float, default=defaults["blr"], help="base learning rate for an effective batch of 256 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults["weight_decay"],
+        help="AdamW decay on prompts and head weights (default: %(default)s)",
+    )
     p.add_argument("--warmup-epochs", type=float, default=defaults["warmup_epochs"], help="linear warmup, in epochs (default: %(default)s)")
     p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
-    p.add_argument("--adapter-len", type=int, default=defaults["adapter_len"], help="prompt tokens per adapted layer (default: %(default)s)")
+    p.add_argument(
+        "--adapter-len", type=int, default=defaults["adapter_len"], help="prompt tokens per adapted layer (default: %(default)s)"
+    )
     p.add_argument("--adapter-layer", type=int, help="number of top layers that get a prompt (default: all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available); torchrun gives each process its GPU")
     p.add_argument("--seed", type=int, default=0)

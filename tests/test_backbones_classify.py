@@ -181,13 +181,17 @@ def test_two_process_torchrun_matches_one_process(vit: str, images: Path, tmp_pa
 # ---------------------------------------------------------------- bad data
 
 
-def test_bad_image_folders_are_reported_by_file_before_any_model_loads(images: Path, tmp_path: Path, capsys) -> None:
-    data = tmp_path / "data"
+def copy_images(images: Path, data: Path) -> Path:
     for split in ("train", "val"):
         for d in (images / split).iterdir():
             (data / split / d.name).mkdir(parents=True)
             for f in d.iterdir():
                 (data / split / d.name / f.name).write_bytes(f.read_bytes())
+    return data
+
+
+def test_bad_image_folders_are_reported_by_file_before_any_model_loads(images: Path, tmp_path: Path, capsys) -> None:
+    data = copy_images(images, tmp_path / "data")
     (data / "train" / "purple").mkdir()  # empty class folder
     (data / "train" / "purple" / "notes.txt").write_text("not an image")
     (data / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
@@ -204,6 +208,17 @@ def test_bad_image_folders_are_reported_by_file_before_any_model_loads(images: P
     assert "val/orange/0.png: label 'orange' has no training images (training classes: blue, green, red)" in err
     assert "no-model" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pixels_corrupt_past_the_header_stop_training_naming_the_file(vit: str, images: Path, tmp_path: Path, capsys) -> None:
+    data = copy_images(images, tmp_path / "data")
+    whole = (data / "train" / "red" / "0.png").read_bytes()
+    (data / "train" / "red" / "truncated.png").write_bytes(whole[: len(whole) // 2])  # a valid header, half the pixels
+    # Decoded in a loader worker: the message must still arrive as ours, without a traceback.
+    assert main(cli(vit, data, tmp_path / "out", "--workers", 1, "--batch-size", 25)) == 2
+    err = capsys.readouterr().err
+    assert "train/red/truncated.png: cannot decode image" in err and "then --resume" in err
+    assert "Traceback" not in err
 
 
 def test_csv_data_is_read_relative_to_the_file_and_checked_by_line(images: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from llama_adapter.train import Dist, TrainError, init_distributed
 
 from .adapter_file import AdapterInfo, load_into, read_backbone_adapter, save_backbone_adapter
 from .attention import BackboneError, adapter_parameters, freeze_all_but
-from .image_folder import DataError, ImageDataset, LabelledImage, read_labelled_images
+from .image_folder import DataError, ImageDataset, LabelledImage, checked, read_labelled_images
 from .training import CHECKPOINT, add_training_args, check_training_args, fit
 from .vit import add_vit_adapters, create_vit, eval_transform, head_parameters, vit_shape
 
@@ -69,7 +69,7 @@ class ImageTask:
         if not index_lists:
             return iter(())
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=index_lists, num_workers=self.workers)
-        return iter(loader)
+        return map(checked, loader)
 
     def micro_batches(self, index_lists: Sequence[Sequence[int]]) -> Iterator[object | None]:
         loaded = self._loader(self.train_set, [list(x) for x in index_lists if x])

@@ -120,7 +120,11 @@ def decode(item: LabelledImage) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, preprocessed images and their class indices."""
+    """Preprocessed images, their class indices, and a problem ("" if none) for each.
+
+    A file that cannot be decoded comes back as a blank image with its problem, instead of an exception, so that a
+    loader worker hands the message to the training process without a traceback around it (see ``checked``).
+    """
 
     def __init__(self, items: list[LabelledImage], classes: list[str], transform: Callable[[Image.Image], Tensor]) -> None:
         self.items, self.transform = items, transform
@@ -129,6 +133,18 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int, str]:
         item = self.items[i]
-        return self.transform(decode(item)), self.index[item.label]
+        try:
+            return self.transform(decode(item)), self.index[item.label], ""
+        except DataError as e:
+            return self.transform(Image.new("RGB", (8, 8))), self.index[item.label], str(e)
+
+
+def checked(batch: tuple[Tensor, Tensor, list[str]]) -> tuple[Tensor, Tensor]:
+    """Images and labels of a loaded batch; a DataError naming the files if any could not be decoded."""
+    images, labels, problems = batch
+    bad = [p for p in problems if p]
+    if bad:
+        raise DataError(bad)
+    return images, labels

@@ -4,6 +4,9 @@ exact resume with dropout on, windows over long contexts, and bad data reported 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from llama_adapter.backbones.squad_data import Question, best_answer, read_squad
 from llama_adapter.backbones.squad_metric import squad_scores
 from llama_adapter.backbones.tiny import keyword_squad, save_tiny_roberta, squad_texts
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -89,7 +93,7 @@ def test_adapter_file_reproduces_the_validation_scores(trained, roberta: Path, s
     assert info.task_config == {"max_seq_len": 64, "doc_stride": 16, "max_answer_len": 30, "version_2": False}
     assert info.trainable_parameters == 3 * (10 * 32 + 4) + 2 * 32 + 2
     answerer = load_question_answerer(out)
-    questions, _ = read_squad(squad["val"], training=False)
+    questions, _ = read_squad(squad["val"])
     predictions = {q.qid: answerer.answer(q.question, q.context) for q in questions}
     scores = squad_scores(predictions, {q.qid: [a for a, _ in q.answers] for q in questions}, version_2=False)
     last = [m for m in metrics(out) if "f1" in m][-1]
@@ -119,6 +123,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_with_dropout(roberta: 
         assert torch.equal(whole[name], split[name]), name
     drop_speed = [{k: v for k, v in m.items() if k != "examples_per_s"} for m in metrics(tmp_path / "whole")]
     assert drop_speed == [{k: v for k, v in m.items() if k != "examples_per_s"} for m in metrics(tmp_path / "split")]
+
+
+def test_two_process_torchrun_scores_as_one_process(roberta: Path, squad: dict[str, Path], tmp_path: Path) -> None:
+    common = ("--epochs", 1, "--lr", 0.05, "--warmup-epochs", 0)
+    assert main(cli(roberta, squad["train2"], squad["val2"], tmp_path / "one", "--batch-size", 8, *common)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = cli(roberta, squad["train2"], squad["val2"], tmp_path / "two", "--batch-size", 4, *common)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "-m", "llama_adapter.backbones.squad", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout and proc.stdout.count("trainable:") == 1
+    # Each process decodes its share of the questions; together they score exactly as one process.
+    assert metrics(tmp_path / "one")[0] == metrics(tmp_path / "two")[0]
+    assert (tmp_path / "two" / "adapter.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- windows and decoding
@@ -186,8 +205,8 @@ def test_duplicate_ids_and_impossible_questions_with_answers_are_refused(tmp_pat
     doc["data"][0]["paragraphs"][1]["qas"][0]["id"] = qa["id"]
     qa["is_impossible"] = True
     with pytest.raises(ValueError) as e:
-        read_squad(write(tmp_path / "d.json", doc), training=True)
+        read_squad(write(tmp_path / "d.json", doc))
     assert "marked is_impossible but has answers" in str(e.value)
     doc["data"][0]["paragraphs"][0]["qas"][0].pop("is_impossible")
     with pytest.raises(ValueError, match=r"data\[0\]\.paragraphs\[1\]\.qas\[0\] \(id 'q0-0'\): duplicate id \(also .*paragraphs\[0\]"):
-        read_squad(write(tmp_path / "d.json", doc), training=True)
+        read_squad(write(tmp_path / "d.json", doc))

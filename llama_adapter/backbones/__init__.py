@@ -5,13 +5,15 @@
 """
 
 from .adapter_file import AdapterInfo, read_backbone_adapter, save_backbone_adapter
-from .attention import BackboneError, ZeroInitPrompt, adapter_parameters, adapters
+from .attention import ZeroInitPrompt, adapter_parameters, adapters
+from .errors import BackboneError, DataError
 from .roberta import add_roberta_adapters
 from .vit import add_vit_adapters
 
 __all__ = [
     "AdapterInfo",
     "BackboneError",
+    "DataError",
     "ZeroInitPrompt",
     "adapter_parameters",
     "adapters",

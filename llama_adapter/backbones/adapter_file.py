@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .attention import GATE_ACTIVATION, BackboneError
+from .attention import GATE_ACTIVATION
+from .errors import BackboneError
 
 FORMAT = "llama-adapter-backbone-1"
 

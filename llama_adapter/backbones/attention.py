@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import BackboneError
+
 GATE_ACTIVATION = "tanh"
 ADAPTER_NAME = "adapter"  # the child module's name, hence the parameter names "....adapter.prompt" / ".gate"
-
-
-class BackboneError(ValueError):
-    """A backbone or adapter cannot be used as asked; the message says which and what to do."""
 
 
 class ZeroInitPrompt(nn.Module):

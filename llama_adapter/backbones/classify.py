@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from llama_adapter.train import Dist, TrainError, init_distributed
 
 from .adapter_file import AdapterInfo, load_into, read_backbone_adapter, save_backbone_adapter
-from .attention import BackboneError, adapter_parameters, freeze_all_but
-from .image_folder import DataError, ImageDataset, LabelledImage, checked, read_labelled_images
+from .attention import adapter_parameters, freeze_all_but
+from .errors import BackboneError, DataError
+from .image_folder import ImageDataset, LabelledImage, checked, read_labelled_images
 from .training import CHECKPOINT, add_training_args, check_training_args, fit
 from .vit import add_vit_adapters, create_vit, eval_transform, head_parameters, vit_shape
 

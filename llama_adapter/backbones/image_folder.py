@@ -17,16 +17,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000  # far beyond any classifier's input; a bigger file is an error, not a decompression bomb
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message lists every problem with its file or line."""
-
-    def __init__(self, problems: list[str] | str) -> None:
-        problems = [problems] if isinstance(problems, str) else problems
-        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems in the data:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)

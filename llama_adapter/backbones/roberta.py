@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .attention import BackboneError, ZeroInitPrompt, attach, top_layers
+from .attention import ZeroInitPrompt, attach, top_layers
+from .errors import BackboneError
 
 
 class RobertaPrompt(ZeroInitPrompt):

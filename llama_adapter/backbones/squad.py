@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from llama_adapter.train import Dist, TrainError, init_distributed
 
 from .adapter_file import AdapterInfo, load_into, read_backbone_adapter, save_backbone_adapter
-from .attention import BackboneError, adapter_parameters, freeze_all_but
-from .image_folder import DataError
+from .attention import adapter_parameters, freeze_all_but
+from .errors import BackboneError, DataError
 from .roberta import add_roberta_adapters, load_qa_model, roberta_shape
 from .squad_data import Question, Windows, best_answer, collate, read_squad, tokenize
 from .squad_metric import squad_scores
@@ -162,8 +162,8 @@ def train(args: argparse.Namespace) -> nn.Module:
     out = Path(args.out)
     if (out / CHECKPOINT).exists() and not args.resume:
         raise TrainError(f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out")
-    train_questions, train_v2 = read_squad(args.train, training=True)
-    val_questions, val_v2 = read_squad(args.val, training=False)
+    train_questions, train_v2 = read_squad(args.train)
+    val_questions, val_v2 = read_squad(args.val)
     if train_v2 != val_v2:
         which = ("--train", "--val") if train_v2 else ("--val", "--train")
         raise DataError(f"{which[0]} is SQuAD v2.0 (unanswerable questions) but {which[1]} is not; use files of one version")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .image_folder import DataError
+from .errors import DataError
 
 N_BEST = 20  # candidate starts and ends per window, as run_qa
 CLS = 0  # every window starts with the CLS token: the "no answer" position
@@ -40,11 +40,8 @@ class Question:
     where: str
 
 
-def read_squad(path: str | Path, training: bool) -> tuple[list[Question], bool]:
-    """The file's questions and whether it is SQuAD v2.0; a DataError listing every problem otherwise.
-
-    Training needs an answer for every answerable question; evaluation files may hold several per question.
-    """
+def read_squad(path: str | Path) -> tuple[list[Question], bool]:
+    """The file's questions and whether it is SQuAD v2.0; a DataError listing every problem otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -71,7 +68,7 @@ def read_squad(path: str | Path, training: bool) -> tuple[list[Question], bool]:
                 problems.append(f'{here}: expected an object with a "context" string and a "qas" list')
                 continue
             for k, qa in enumerate(para["qas"]):
-                q, issues = _question(qa, para["context"], f"{here}.qas[{k}]", training)
+                q, issues = _question(qa, para["context"], f"{here}.qas[{k}]")
                 problems += issues
                 if q is None:
                     continue
@@ -88,7 +85,7 @@ def read_squad(path: str | Path, training: bool) -> tuple[list[Question], bool]:
     return questions, version_2
 
 
-def _question(qa: object, context: str, where: str, training: bool) -> tuple[Question | None, list[str]]:
+def _question(qa: object, context: str, where: str) -> tuple[Question | None, list[str]]:
     if not isinstance(qa, dict):
         return None, [f"{where}: expected a JSON object"]
     qid = qa.get("id")

@@ -12,10 +12,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .attention import BackboneError, ZeroInitPrompt, attach, top_layers
-
-# What the adapter uses of a timm attention module; each has been in timm's Attention since 0.9.
-REQUIRED = ("qkv", "num_heads", "q_norm", "k_norm", "norm", "proj")
+from .attention import ZeroInitPrompt, attach, top_layers
+from .errors import BackboneError
 
 
 class ViTPrompt(ZeroInitPrompt):
@@ -35,16 +33,18 @@ class ViTPrompt(ZeroInitPrompt):
 
 
 def vit_blocks(model: nn.Module) -> nn.Sequential:
+    """The model's blocks, each with timm's standard attention (other attention classes lay out q/k/v differently)."""
+    from timm.layers import Attention
+
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or not len(blocks):
         raise BackboneError(f"{type(model).__name__} is not a timm Vision Transformer (it has no .blocks); use a timm ViT model")
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
-        missing = [a for a in REQUIRED if not hasattr(attn, a)]
-        if missing:
+        if not isinstance(attn, Attention):
             raise BackboneError(
-                f"blocks.{i}.attn is {type(attn).__name__}, without {', '.join(missing)}: only timm's standard ViT attention "
-                "(timm.layers.Attention, as in vit_* models) can take zero-init adapters"
+                f"blocks.{i}.attn is {type(attn).__name__}: only timm's standard ViT attention (timm.layers.Attention, "
+                "as in the vit_* and deit_* models) can take zero-init adapters"
             )
     return blocks
 

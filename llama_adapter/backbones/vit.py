@@ -89,6 +89,8 @@ def create_vit(name: str, num_classes: int, pretrained: bool = True) -> nn.Modul
         if "Unknown model" in str(e):
             raise BackboneError(f"{name!r} is not a timm model name; see timm.list_models('vit_*'), or use local-dir:/PATH") from e
         raise
+    except OSError as e:  # not downloadable and not cached, or a local folder without its files
+        raise BackboneError(f"cannot load timm model {name!r} ({e}); offline, point --model at a saved copy: local-dir:/PATH") from e
 
 
 def eval_transform(model: nn.Module) -> Callable:

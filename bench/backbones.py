@@ -8,7 +8,7 @@ start and end cross-entropies over token positions, with padded batches), AdamW 
   - adapter, top half: prompts in the top half of the blocks only; the frozen lower half then keeps no graph;
   - full: every parameter trains, no adapter (the usual fine-tuning of the same model).
 Figures are training examples per second (forward, backward, optimizer step), the median step of ``--steps``
-after two warm-up steps.  Data loading is left out: both would pay it alike.
+after two warm-up steps; the three methods take their steps in turn.  Data loading is left out: both would pay it alike.
 """
 
 from __future__ import annotations
@@ -110,21 +110,41 @@ def roberta_case(shape: Shape, adapter: float) -> tuple[torch.nn.Module, dict, C
     return model, params, loss
 
 
-def examples_per_s(case, shape: Shape, adapter: float, batch: int, steps: int) -> tuple[float, int, int]:
-    """Examples/s, trainable parameters and AdamW state bytes."""
-    model, params, loss_fn = case(shape, adapter)
-    model.train()
-    optimizer = make_optimizer(params, 1e-3, 0.02)
-    times = []
-    for i in range(steps + 2):
+class Trainer:
+    """One method on one backbone: a timed training step, and what it trains."""
+
+    def __init__(self, case, shape: Shape, adapter: float) -> None:
+        self.model, self.params, self.loss = case(shape, adapter)
+        self.model.train()
+        self.optimizer = make_optimizer(self.params, 1e-3, 0.02)
+        self.times: list[float] = []
+
+    def step(self) -> float:
         t = time.perf_counter()
-        loss_fn().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if t.ndim)
-    return batch / statistics.median(times), sum(p.numel() for p in params.values()), state
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values() if t.ndim)
+
+
+def measure(case, shape: Shape, steps: int) -> list[Trainer]:
+    """The methods' steps taken in turn (two warm-up steps each), so that a busy spell on a shared machine
+    slows them alike instead of skewing the ratio."""
+    trainers = [Trainer(case, shape, fraction) for _, fraction in METHODS]
+    for i in range(steps + 2):
+        for trainer in trainers:
+            took = trainer.step()
+            if i >= 2:
+                trainer.times.append(took)
+    return trainers
 
 
 def main() -> None:
@@ -142,15 +162,12 @@ def main() -> None:
     for key in args.configs.split(","):
         shape = CONFIGS[key]
         for backbone, case, batch in (("timm ViT", vit_case, shape.images), ("RoBERTa QA", roberta_case, shape.windows)):
-            full = examples_per_s(case, shape, 0.0, batch, args.steps)
-            for method, fraction in (
-                ("zero-init adapter, all blocks", 1.0),
-                ("zero-init adapter, top half", 0.5),
-                ("full fine-tuning", 0.0),
-            ):
-                speed, n, state = examples_per_s(case, shape, fraction, batch, args.steps) if fraction else full
-                rows.append(f"| {key} | {backbone} (batch {batch}) | {method} | {n:,} | {state / 2**20:.2f} MiB | {speed:.1f} | "
-                            f"{speed / full[0]:.2f}x |")  # fmt: skip
+            trainers = measure(case, shape, args.steps)
+            full = batch / statistics.median(trainers[-1].times)
+            for (method, _), t in zip(METHODS, trainers, strict=True):
+                speed = batch / statistics.median(t.times)
+                rows.append(f"| {key} | {backbone} (batch {batch}) | {method} | {t.trainable:,} | {t.state_bytes / 2**20:.2f} MiB | "
+                            f"{speed:.1f} | {speed / full:.2f}x |")  # fmt: skip
                 print(rows[-1], flush=True)
     legend = "\n".join(f"- {k}: {CONFIGS[k].name}" for k in args.configs.split(","))
     table = "\n".join(rows) + f"\n\n{legend}; torch threads: {args.threads}; the median step of {args.steps}."

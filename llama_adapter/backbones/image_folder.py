@@ -40,7 +40,7 @@ def read_split_dir(root: Path) -> tuple[list[LabelledImage], list[str]]:
     if not classes:
         problems.append(f"{root}: no class folders (expected {root.name}/<class>/<image files>)")
     for d in classes:
-        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
         if not files:
             problems.append(f"{d}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files); add images or remove it")
         items += [LabelledImage(f, d.name, f"{root.name}/{d.name}/{f.name}") for f in files]

@@ -32,12 +32,12 @@ class ViTPrompt(ZeroInitPrompt):
         return self.owner.k_norm(k), v
 
 
-def vit_blocks(model: nn.Module) -> nn.Sequential:
+def vit_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
     """The model's blocks, each with timm's standard attention (other attention classes lay out q/k/v differently)."""
     from timm.layers import Attention
 
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or not len(blocks):
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not len(blocks):
         raise BackboneError(f"{type(model).__name__} is not a timm Vision Transformer (it has no .blocks); use a timm ViT model")
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)

@@ -182,3 +182,19 @@ def test_gradients_reach_only_prompts_gates_and_what_is_left_trainable() -> None
     (out.start_logits.sum() + out.end_logits.sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(p.grad is None for n, p in model.named_parameters() if n not in params)
+
+
+def test_bert_layout_encoders_take_the_same_adapters() -> None:
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = BertForQuestionAnswering(config).eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).start_logits
+        add_roberta_adapters(model, adapter_len=3, adapter_layer=2)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).start_logits, before)
+        open_gates(model)
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).start_logits, before, atol=1e-4)
+    assert "bert.encoder.layer.0.attention.self.adapter.gate" in adapter_parameters(model)

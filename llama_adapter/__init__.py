@@ -4,7 +4,7 @@ from .checkpoint import CheckpointError, read_adapter, save_adapter
 from .config import AdapterConfig, ModelArgs, VisualConfig
 from .generation import Pipeline, PromptTruncatedWarning, TextStream, sample
 from .hub import ResolveError
-from .images import ImageError
+from .images import ImageError, check_image_file
 from .loading import load
 from .model import Transformer
 from .prompts import caption_prompt, format_prompt
@@ -25,6 +25,7 @@ __all__ = [
     "Transformer",
     "VisualConfig",
     "caption_prompt",
+    "check_image_file",
     "format_prompt",
     "load",
     "read_adapter",

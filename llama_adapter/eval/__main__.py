@@ -22,6 +22,8 @@ from .runner import EvalError, Example, Generation, PredictionFile, check_images
 
 # Generation lengths that fit each task's answers: a letter sentence, a caption, a free reply.
 DEFAULT_MAX_NEW_TOKENS = {"scienceqa": 32, "coco-caption": 64, "instructions": 512}
+# Bad files, names or settings: reported in one line, never as a traceback (ImageError and the others are ValueErrors).
+USER_ERRORS = (llama_adapter.ResolveError, llama_adapter.CheckpointError, FileNotFoundError, ValueError)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sqa.add_argument("--data", required=True, help="the ScienceQA release folder: problems.json, pid_splits.json, images/")
     sqa.add_argument("--split", help="split of pid_splits.json (default: test; train with --to-train)")
     sqa.add_argument("--images", help="image folder holding SPLIT/ID/image.png (default: DATA/images)")
-    sqa.add_argument("--to-train", metavar="FILE", help="write the split as training records (JSONL) for python -m llama_adapter.train and stop")
+    sqa.add_argument("--to-train", metavar="FILE", help="write the split as training records (JSONL) for llama_adapter.train, and stop")
 
     coco = tasks.add_parser("coco-caption", help="COCO captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
     coco.add_argument("--annotations", required=True, help="captions_val2014.json, Karpathy's dataset_coco.json or coco_karpathy_test.json")
@@ -48,7 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         model = sub.add_argument_group("model")
         model.add_argument("--base", help="base LLaMA: Meta or HF checkpoint directory, or a Hugging Face repo id")
         model.add_argument("--adapter", help="adapter file, directory, official name (e.g. CAPTION-7B) or Hugging Face repo id")
-        model.add_argument("--clip", help="open_clip CLIP as MODEL[:PRETRAINED], hf-hub:ORG/REPO or local-dir:/PATH (default: the adapter's)")
+        model.add_argument(
+            "--clip", help="open_clip CLIP as MODEL[:PRETRAINED], hf-hub:ORG/REPO or local-dir:/PATH (default: the adapter's own)"
+        )
         model.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU, fp32 on CPU")
         model.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
@@ -98,7 +102,11 @@ def model_name(args: argparse.Namespace) -> str:
 def settings(args: argparse.Namespace, data: dict[str, object]) -> dict[str, object]:
     """What a prediction depends on; a resumed run must match it (batch size and device may change)."""
     keys = ("task", "base", "adapter", "clip", "dtype", "max_seq_len", "quantize", "max_new_tokens", "temperature", "top_p", "seed")
-    return {k: getattr(args, k) for k in keys} | data
+    out = {k: getattr(args, k) for k in keys} | data
+    for k in ("base", "adapter"):  # local paths as absolute ones, so that a rerun from another folder still matches
+        if out[k] is not None and Path(out[k]).exists():
+            out[k] = str(Path(out[k]).resolve())
+    return out
 
 
 def load_model(args: argparse.Namespace) -> llama_adapter.Pipeline:
@@ -171,17 +179,19 @@ def run_scienceqa(args: argparse.Namespace) -> None:
 def run_coco(args: argparse.Namespace) -> None:
     items = coco_caption.read_annotations(args.annotations, args.images, args.split)
     coco_caption.require_java()  # before hours of captioning, not after
+    examples = coco_caption.examples(items)
+    check_images(examples[: args.limit] if args.limit else examples, "image")
     pipe = load_model(args)
     if pipe.visual is None:
         raise EvalError("coco-caption needs a multimodal adapter (e.g. --adapter CAPTION-7B); this model takes no images")
-    examples = coco_caption.examples(items)
-    check_images(examples[: args.limit] if args.limit else examples, "image")
     by_id = {it.id: it for it in items}
     data = {"annotations": str(Path(args.annotations).resolve()), "split": args.split, "images": str(Path(args.images).resolve())}
     records = predict(args, pipe, examples, data, lambda e, out: coco_caption.prediction(by_id[e.id], out))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(coco_caption.coco_results(records), ensure_ascii=False) + "\n")
-    scores = coco_caption.scores({r["id"]: by_id[r["id"]].references for r in records}, {r["id"]: r["caption"] for r in records}, args.spice)
+    scores = coco_caption.scores(
+        {r["id"]: by_id[r["id"]].references for r in records}, {r["id"]: r["caption"] for r in records}, args.spice
+    )
     metrics = {"task": "coco-caption", "model": model_name(args), "examples": len(records), "scores": scores}
     if not args.spice:
         metrics["spice"] = "skipped (it downloads Stanford CoreNLP models on first use); add --spice to compute it"
@@ -211,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"scienceqa": run_scienceqa, "coco-caption": run_coco, "instructions": run_instructions}[args.task]
     try:
         run(args)
-    except (EvalError, llama_adapter.ResolveError, llama_adapter.CheckpointError, llama_adapter.ImageError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:

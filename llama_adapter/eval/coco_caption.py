@@ -160,7 +160,9 @@ def require_java() -> None:
         )
 
 
-def scores(references: dict[str, list[str]] | dict[str, tuple[str, ...]], captions: dict[str, str], spice: bool = False) -> dict[str, float]:
+def scores(
+    references: dict[str, list[str]] | dict[str, tuple[str, ...]], captions: dict[str, str], spice: bool = False
+) -> dict[str, float]:
     """pycocoevalcap's scores of ``captions`` against ``references`` (both keyed by image id), as COCO's own
     evaluation computes them: PTB-tokenized, corpus-level, on a 0-1 scale (CIDEr up to 10)."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -177,7 +179,12 @@ def scores(references: dict[str, list[str]] | dict[str, tuple[str, ...]], captio
         res = tokenizer.tokenize({k: [{"caption": captions[k]}] for k in references})
     # The PTB tokenizer drops punctuation-only captions to nothing; the scorers need one (possibly empty) string.
     res = {k: v or [""] for k, v in res.items()}
-    scorers: list[tuple[object, tuple[str, ...]]] = [(Bleu(4), METRICS[:4]), (_meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",))]
+    scorers: list[tuple[object, tuple[str, ...]]] = [
+        (Bleu(4), METRICS[:4]),
+        (_meteor(), ("METEOR",)),
+        (Rouge(), ("ROUGE_L",)),
+        (Cider(), ("CIDEr",)),
+    ]
     if spice:
         from pycocoevalcap.spice.spice import Spice
 

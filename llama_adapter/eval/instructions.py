@@ -79,7 +79,10 @@ def prediction(item: Instruction, output: str) -> dict:
 
 def alpaca_eval_outputs(items: list[Instruction], records: list[dict], generator: str) -> list[dict]:
     """AlpacaEval's model-outputs format: the original record with our ``output`` and ``generator``."""
-    return [it.fields | {"instruction": it.instruction, "output": r["output"], "generator": generator} for it, r in zip(items, records, strict=True)]
+    return [
+        it.fields | {"instruction": it.instruction, "output": r["output"], "generator": generator}
+        for it, r in zip(items, records, strict=True)
+    ]
 
 
 def summary(records: list[dict]) -> dict:

@@ -200,9 +200,7 @@ def scores(problems: list[Problem], preds: dict[str, int | None]) -> dict:
 def table(accuracy: dict[str, float | None], name: str) -> str:
     """The paper's layout: one row, the columns NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg."""
     cells = ["-" if accuracy[c] is None else f"{accuracy[c]:.2f}" for c in COLUMNS]
-    return "\n".join(
-        [f"| Model | {' | '.join(COLUMNS)} |", "| --- |" + " ---: |" * len(COLUMNS), f"| {name} | {' | '.join(cells)} |"]
-    )
+    return "\n".join([f"| Model | {' | '.join(COLUMNS)} |", "| --- |" + " ---: |" * len(COLUMNS), f"| {name} | {' | '.join(cells)} |"])
 
 
 # ---------------------------------------------------------------- training records

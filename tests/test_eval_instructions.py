@@ -65,6 +65,9 @@ def test_resume_after_two_records(hf_dir: Path, tmp_path: Path, capsys) -> None:
     assert len(json.loads((tmp_path / "part" / "outputs.json").read_text())) == 2
     assert run_eval(capsys, *args, "--out", tmp_path / "part", "--batch-size", 3)[0] == 0
     assert files(tmp_path / "part", names) == files(tmp_path / "whole", names)
+    data.write_text(json.dumps(ALPACA_EVAL[::-1]))  # another version of the file: its ids mean other instructions
+    rc, _, err = run_eval(capsys, *args, "--out", tmp_path / "part")
+    assert rc == 2 and "other settings (different data_sha256)" in err
 
 
 def test_bad_records_are_listed(tmp_path: Path, hf_dir: Path, capsys) -> None:

@@ -18,7 +18,7 @@ import torch
 import llama_adapter
 
 from . import coco_caption, instructions, scienceqa
-from .runner import EvalError, Example, Generation, PredictionFile, check_images, generate_all
+from .runner import EvalError, Example, Generation, PredictionFile, check_images, digest, generate_all
 
 # Generation lengths that fit each task's answers: a letter sentence, a caption, a free reply.
 DEFAULT_MAX_NEW_TOKENS = {"scienceqa": 32, "coco-caption": 64, "instructions": 512}
@@ -162,7 +162,9 @@ def run_scienceqa(args: argparse.Namespace) -> None:
     examples = scienceqa.examples(problems, with_images=pipe.visual is not None)
     check_images(examples[: args.limit] if args.limit else examples, "problem")
     by_id = {p.id: p for p in problems}
-    data = {"data": str(Path(args.data).resolve()), "split": split, "images": str(image_root.resolve())}
+    root = Path(args.data).resolve()
+    data = {"data": str(root), "split": split, "images": str(image_root.resolve()),
+            "data_sha256": digest(root / "problems.json", root / "pid_splits.json")}  # fmt: skip
     records = predict(args, pipe, examples, data, lambda e, out: scienceqa.prediction(by_id[e.id], out))
     chosen = [by_id[r["id"]] for r in records]
     preds = {r["id"]: None if r["pred"] is None else scienceqa.LETTERS.index(r["pred"]) for r in records}
@@ -185,7 +187,13 @@ def run_coco(args: argparse.Namespace) -> None:
     if pipe.visual is None:
         raise EvalError("coco-caption needs a multimodal adapter (e.g. --adapter CAPTION-7B); this model takes no images")
     by_id = {it.id: it for it in items}
-    data = {"annotations": str(Path(args.annotations).resolve()), "split": args.split, "images": str(Path(args.images).resolve())}
+    annotations = Path(args.annotations).resolve()
+    data = {
+        "annotations": str(annotations),
+        "split": args.split,
+        "images": str(Path(args.images).resolve()),
+        "data_sha256": digest(annotations),
+    }
     records = predict(args, pipe, examples, data, lambda e, out: coco_caption.prediction(by_id[e.id], out))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(coco_caption.coco_results(records), ensure_ascii=False) + "\n")
@@ -202,7 +210,7 @@ def run_instructions(args: argparse.Namespace) -> None:
     items = instructions.read_instructions(args.data)
     pipe = load_model(args)
     by_id = {it.id: it for it in items}
-    data = {"data": str(Path(args.data).resolve())}
+    data = {"data": str(Path(args.data).resolve()), "data_sha256": digest(Path(args.data))}
     records = predict(args, pipe, instructions.examples(items), data, lambda e, out: instructions.prediction(by_id[e.id], out))
     generator = args.generator or model_name(args)
     outputs = instructions.alpaca_eval_outputs([by_id[r["id"]] for r in records], records, generator)

@@ -12,6 +12,7 @@ A run writes into one output directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -66,6 +67,16 @@ def read_json(path: Path, what: str) -> object:
         raise EvalError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise EvalError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def digest(*paths: Path) -> str:
+    """sha256 of the files' bytes: predictions made from another version of a benchmark file are not reused."""
+    h = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def check_images(examples: Sequence[Example], what: str = "example") -> None:

@@ -55,7 +55,7 @@ class Problem:
 def question_text(p: Problem) -> str:
     """Context, question and lettered options, as LLaVA and LLaMA-Adapter present ScienceQA (ScienceQA's CQM format)."""
     options = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(p.choices))
-    return f"Context: {p.hint or 'N/A'}\nQuestion: {p.question}\nOptions: {options}"
+    return f"Context: {p.hint.strip() or 'N/A'}\nQuestion: {p.question}\nOptions: {options}"
 
 
 def prompt(p: Problem) -> str:
@@ -127,7 +127,7 @@ def _problem(pid: str, obj: object, image_root: Path) -> Problem:
         question=obj["question"],
         choices=tuple(choices),
         answer=answer,
-        hint=obj["hint"].strip(),
+        hint=obj["hint"],  # as given: the official TXT column counts any non-empty hint
         image=image_root / obj["split"] / pid / image if image else None,
         subject=obj["subject"],
         grade=int(grade.group(1)),

@@ -13,10 +13,9 @@ from llama_adapter.eval import coco_caption
 
 from .eval_helpers import picture, read_jsonl, run_eval, write_multimodal_adapter
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java: apt-get install default-jre-headless"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
+# Scoring (and so the command, which checks for Java before it captions) needs Java; reading annotations does not.
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java: apt-get install default-jre-headless")
 
 # Five val2014 images with two references each: distinct words, so that CIDEr's document frequencies are not all 1.
 CAPTIONS = {
@@ -67,6 +66,7 @@ def test_the_three_annotation_formats_agree(coco: Path) -> None:
     assert [it.id for it in coco_caption.read_annotations(coco / "dataset_coco.json", coco, split="train")] == ["1"]
 
 
+@needs_java
 def test_scores_on_identical_and_disjoint_captions() -> None:
     refs = {str(i): caps for i, caps in CAPTIONS.items()}
     same = coco_caption.scores(refs, {k: v[0] for k, v in refs.items()})
@@ -79,6 +79,7 @@ def test_scores_on_identical_and_disjoint_captions() -> None:
     assert disjoint["CIDEr"] == pytest.approx(0.0) and disjoint["ROUGE_L"] == 0.0
 
 
+@needs_java
 def test_captions_end_to_end(coco: Path, hf_dir: Path, mm_adapter: Path, tmp_path: Path, capsys) -> None:
     rc, out, err = run_eval(capsys, "coco-caption", "--annotations", coco / "captions_val2014.json", "--images", coco / "val2014",
                             "--base", hf_dir, "--adapter", mm_adapter, "--out", tmp_path, "--max-new-tokens", 8,
@@ -127,6 +128,7 @@ def _karpathy_copy(tmp_path: Path) -> Path:
     return path
 
 
+@needs_java
 def test_missing_image_is_reported_with_its_id(coco: Path, hf_dir: Path, mm_adapter: Path, tmp_path: Path, capsys) -> None:
     images = shutil.copytree(coco / "val2014", tmp_path / "val2014")
     (images / file_name(184613)).unlink()
@@ -137,7 +139,16 @@ def test_missing_image_is_reported_with_its_id(coco: Path, hf_dir: Path, mm_adap
     assert not (tmp_path / "o" / "predictions.jsonl").exists()
 
 
+@needs_java
 def test_a_text_only_model_is_refused(coco: Path, hf_dir: Path, tmp_path: Path, capsys) -> None:
     rc, _, err = run_eval(capsys, "coco-caption", "--annotations", coco / "captions_val2014.json", "--images", coco / "val2014",
                           "--base", hf_dir, "--out", tmp_path, "--device", "cpu")  # fmt: skip
     assert rc == 2 and "coco-caption needs a multimodal adapter" in err
+
+
+def test_without_java_the_command_stops_before_captioning(coco: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coco_caption.shutil, "which", lambda name: None)
+    rc, _, err = run_eval(capsys, "coco-caption", "--annotations", coco / "captions_val2014.json", "--images", coco / "val2014",
+                          "--base", tmp_path / "no-such-model", "--out", tmp_path / "o")  # fmt: skip
+    assert rc == 2 and "needs Java" in err and "apt-get install default-jre-headless" in err
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,15 @@ def test_bad_records_are_listed(tmp_path: Path, hf_dir: Path, capsys) -> None:
     assert rc == 2
     assert "3 bad record(s)" in err and "record 1: expected a non-empty string or an object" in err
     assert "record 2:" in err and "record 3: 'input' must be a string" in err
+
+
+def test_python_dash_m_runs_the_task(hf_dir: Path, tmp_path: Path) -> None:
+    """The documented command itself, in a fresh process."""
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(["Name a color."]))
+    cmd = [sys.executable, "-m", "llama_adapter.eval", "instructions", "--data", str(data), "--base", str(hf_dir),
+           "--out", str(tmp_path / "o"), "--max-new-tokens", "3", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (tmp_path / "o" / "table.md").read_text()
+    assert len(json.loads((tmp_path / "o" / "outputs.json").read_text())) == 1

@@ -215,7 +215,7 @@ def test_to_train_writes_records_that_training_reads(release: Path, tmp_path: Pa
     path = tmp_path / "sqa_train.jsonl"
     rc, out, err = run_eval(capsys, "scienceqa", "--data", release, "--to-train", path)
     assert rc == 0, err
-    assert "wrote 2 training records" in out and f"--image-root {release / 'images'}" in out
+    assert "wrote 2 training records" in out and f"--image-root {release / 'images'} --phase pretrain" in out
     records = read_image_text_records(path, release / "images")
     train = scienceqa.read_problems(release, "train")
     assert [r.image for r in records] == [release / "images" / "train" / "3" / "image.png", None]

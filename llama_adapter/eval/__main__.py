@@ -154,9 +154,10 @@ def run_scienceqa(args: argparse.Namespace) -> None:
     if args.to_train:
         check_images(scienceqa.examples(problems, with_images=True), "problem")
         n = scienceqa.write_training_records(problems, image_root, Path(args.to_train))
-        print(f"wrote {n} training records to {args.to_train}; fine-tune with:\n"
+        # As the paper: adaption prompts, gates and the visual adapter learn ScienceQA (the pretrain phase's parameters).
+        print(f"wrote {n} training records to {args.to_train}; train a ScienceQA adapter with:\n"
               f"  python -m llama_adapter.train --base BASE --data {args.to_train} --image-root {image_root} "
-              f"--phase finetune --init-adapter ADAPTER --out runs/scienceqa")  # fmt: skip
+              f"--phase pretrain --out runs/scienceqa")  # fmt: skip
         return
     pipe = load_model(args)
     examples = scienceqa.examples(problems, with_images=pipe.visual is not None)

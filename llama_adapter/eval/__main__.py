@@ -126,11 +126,10 @@ def predict(
     args: argparse.Namespace,
     pipe: llama_adapter.Pipeline,
     examples: list[Example],
-    data: dict[str, object],
+    predictions: PredictionFile,
     record: Callable[[Example, str], dict],
 ) -> list[dict]:
     """Generate what is missing and return the predictions of ``examples`` in order (the file is kept in that order)."""
-    predictions = PredictionFile(args.out, settings(args, data))
     chosen = examples[: args.limit] if args.limit else examples
     generation = Generation(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     truncated = generate_all(pipe, chosen, predictions, generation, args.batch_size, record, args.task)
@@ -159,14 +158,15 @@ def run_scienceqa(args: argparse.Namespace) -> None:
               f"  python -m llama_adapter.train --base BASE --data {args.to_train} --image-root {image_root} "
               f"--phase pretrain --out runs/scienceqa")  # fmt: skip
         return
+    root = Path(args.data).resolve()
+    data = {"data": str(root), "split": split, "images": str(image_root.resolve()),
+            "data_sha256": digest(root / "problems.json", root / "pid_splits.json")}  # fmt: skip
+    predictions = PredictionFile(args.out, settings(args, data))  # a mismatched --out is refused before loading
     pipe = load_model(args)
     examples = scienceqa.examples(problems, with_images=pipe.visual is not None)
     check_images(examples[: args.limit] if args.limit else examples, "problem")
     by_id = {p.id: p for p in problems}
-    root = Path(args.data).resolve()
-    data = {"data": str(root), "split": split, "images": str(image_root.resolve()),
-            "data_sha256": digest(root / "problems.json", root / "pid_splits.json")}  # fmt: skip
-    records = predict(args, pipe, examples, data, lambda e, out: scienceqa.prediction(by_id[e.id], out))
+    records = predict(args, pipe, examples, predictions, lambda e, out: scienceqa.prediction(by_id[e.id], out))
     chosen = [by_id[r["id"]] for r in records]
     preds = {r["id"]: None if r["pred"] is None else scienceqa.LETTERS.index(r["pred"]) for r in records}
     result = scienceqa.scores(chosen, preds)
@@ -184,10 +184,6 @@ def run_coco(args: argparse.Namespace) -> None:
     coco_caption.require_java()  # before hours of captioning, not after
     examples = coco_caption.examples(items)
     check_images(examples[: args.limit] if args.limit else examples, "image")
-    pipe = load_model(args)
-    if pipe.visual is None:
-        raise EvalError("coco-caption needs a multimodal adapter (e.g. --adapter CAPTION-7B); this model takes no images")
-    by_id = {it.id: it for it in items}
     annotations = Path(args.annotations).resolve()
     data = {
         "annotations": str(annotations),
@@ -195,7 +191,12 @@ def run_coco(args: argparse.Namespace) -> None:
         "images": str(Path(args.images).resolve()),
         "data_sha256": digest(annotations),
     }
-    records = predict(args, pipe, examples, data, lambda e, out: coco_caption.prediction(by_id[e.id], out))
+    predictions = PredictionFile(args.out, settings(args, data))
+    pipe = load_model(args)
+    if pipe.visual is None:
+        raise EvalError("coco-caption needs a multimodal adapter (e.g. --adapter CAPTION-7B); this model takes no images")
+    by_id = {it.id: it for it in items}
+    records = predict(args, pipe, examples, predictions, lambda e, out: coco_caption.prediction(by_id[e.id], out))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(coco_caption.coco_results(records), ensure_ascii=False) + "\n")
     scores = coco_caption.scores(
@@ -209,10 +210,11 @@ def run_coco(args: argparse.Namespace) -> None:
 
 def run_instructions(args: argparse.Namespace) -> None:
     items = instructions.read_instructions(args.data)
+    data = {"data": str(Path(args.data).resolve()), "data_sha256": digest(Path(args.data))}
+    predictions = PredictionFile(args.out, settings(args, data))
     pipe = load_model(args)
     by_id = {it.id: it for it in items}
-    data = {"data": str(Path(args.data).resolve()), "data_sha256": digest(Path(args.data))}
-    records = predict(args, pipe, instructions.examples(items), data, lambda e, out: instructions.prediction(by_id[e.id], out))
+    records = predict(args, pipe, instructions.examples(items), predictions, lambda e, out: instructions.prediction(by_id[e.id], out))
     generator = args.generator or model_name(args)
     outputs = instructions.alpaca_eval_outputs([by_id[r["id"]] for r in records], records, generator)
     out = Path(args.out)

@@ -108,6 +108,7 @@ class PredictionFile:
         run = self.dir / "run.json"
         if run.is_file() and self.path.is_file():
             before = read_json(run, "run settings")
+            before = before if isinstance(before, dict) else {}
             changed = sorted(k for k in set(settings) | set(before) if before.get(k) != settings.get(k))
             if changed:
                 raise EvalError(

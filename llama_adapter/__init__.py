@@ -7,6 +7,7 @@ prompts, images), ``serve`` (loading and generation), ``train`` (the trainer), p
 
 from .config import AdapterConfig, ModelArgs, ModelConfig, VisualConfig
 from .errors import CheckpointError, DataError, ImageError, LlamaAdapterError, ResolveError, TrainError
+from .inputs.images import check_image_file
 from .inputs.prompts import caption_prompt, format_prompt
 from .inputs.tokenizer import Tokenizer
 from .model.llama import Transformer
@@ -34,6 +35,7 @@ __all__ = [
     "Transformer",
     "VisualConfig",
     "caption_prompt",
+    "check_image_file",
     "format_prompt",
     "load",
     "load_base",

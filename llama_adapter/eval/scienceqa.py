@@ -214,7 +214,7 @@ def training_records(problems: list[Problem], image_root: Path) -> list[dict]:
         record: dict[str, str] = {"id": p.id}
         if p.image is not None:
             record["image"] = p.image.relative_to(image_root).as_posix()
-        record |= {"instruction": question_text(p), "input": "", "output": answer_text(p.letter)}
+        record |= {"instruction": question_text(p), "output": answer_text(p.letter)}
         out.append(record)
     return out
 

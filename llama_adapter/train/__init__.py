@@ -4,6 +4,7 @@
 schedule, ``distributed`` the processes, ``state`` the checkpoint and metrics, ``visual`` the image side.
 """
 
+from ..errors import TrainError
 from .cli import main, parse_args, train
 from .distributed import Dist, init_distributed, sum_across_ranks
 from .loss import summed_nll
@@ -14,6 +15,7 @@ __all__ = [
     "Dist",
     "Metrics",
     "Position",
+    "TrainError",
     "init_distributed",
     "lr_factor",
     "main",

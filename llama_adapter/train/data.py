@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..inputs.prompts import format_prompt
-from ..inputs.tokenizer import Tokenizer
+from ..inputs.tokenizer import TextTokenizer
 
 IGNORE_INDEX = -100  # target value that the loss skips (F.cross_entropy's default ignore_index)
 
@@ -189,7 +189,7 @@ class Encoded:
         return sum(len(e.ids) for e in self.examples)
 
 
-def encode_record(record: TrainingRecord, tokenizer: Tokenizer) -> Example:
+def encode_record(record: TrainingRecord, tokenizer: TextTokenizer) -> Example:
     """Tokenise prompt + response + EOS as one text, as generation will see it.
 
     The response starts after the longest prefix shared with the prompt tokenised alone, so
@@ -204,7 +204,7 @@ def encode_record(record: TrainingRecord, tokenizer: Tokenizer) -> Example:
     return Example(torch.tensor(ids, dtype=torch.long), start, record.image)
 
 
-def encode_records(records: Sequence[TrainingRecord], tokenizer: Tokenizer, max_seq_len: int) -> Encoded:
+def encode_records(records: Sequence[TrainingRecord], tokenizer: TextTokenizer, max_seq_len: int) -> Encoded:
     examples, truncated, dropped = [], 0, 0
     for record in records:
         ex = encode_record(record, tokenizer)

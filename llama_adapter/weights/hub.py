@@ -65,7 +65,17 @@ OFFICIAL_ADAPTERS: dict[str, Release] = {
 
 ADAPTER_FILENAME = "adapter.safetensors"  # what our training writes; the file looked for in an adapter repo
 _BASE_PATTERNS = {
-    "hf": ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "generation_config.json"],
+    "hf": [
+        "config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ],
     "meta": ["params.json", "consolidated.*.pth", "tokenizer.model"],
 }
 _REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>.+))?$")

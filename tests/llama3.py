@@ -67,6 +67,12 @@ def write_llama3_base(out: Path, lines: list[str], seed: int = 0, **overrides: o
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out, safe_serialization=True)
+    # Hub checkpoints spell RoPE as rope_theta + rope_scaling (transformers 5 writes rope_parameters): keep the Hub's.
+    saved = json.loads((out / "config.json").read_text())
+    rope = saved.pop("rope_parameters")
+    saved["rope_theta"] = rope.pop("rope_theta")
+    saved["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+    (out / "config.json").write_text(json.dumps(saved, indent=2))
     # Llama-3-Instruct: a reply ends at <|eot_id|> (or <|end_of_text|>).
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[EOT]]}))
     return out

@@ -64,6 +64,7 @@ OFFICIAL_ADAPTERS: dict[str, Release] = {
 }
 
 ADAPTER_FILENAME = "adapter.safetensors"  # what our training writes; the file looked for in an adapter repo
+PEFT_CONFIG = "adapter_config.json"  # beside adapter_model.safetensors in a peft adapter directory
 _BASE_PATTERNS = {
     "hf": [
         "config.json",
@@ -122,14 +123,16 @@ def resolve_base(name: str | Path) -> Path:
 
 
 def resolve_adapter(name: str | Path) -> Path:
-    """A single adapter file: local path, official release name, or Hub repo id / file in a repo."""
+    """A single adapter file (local path, official release name, or Hub repo id / file in a repo), or a local peft directory."""
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():
             candidate = path / ADAPTER_FILENAME
-            if not candidate.is_file():
-                raise ResolveError(f"adapter directory {path} has no {ADAPTER_FILENAME}")
-            return candidate
+            if candidate.is_file():
+                return candidate
+            if (path / PEFT_CONFIG).is_file():  # a peft adapter directory: read as a whole
+                return path
+            raise ResolveError(f"adapter directory {path} has neither {ADAPTER_FILENAME} nor a peft {PEFT_CONFIG}")
         return path
     if str(name) in OFFICIAL_ADAPTERS:
         return download(OFFICIAL_ADAPTERS[str(name)])

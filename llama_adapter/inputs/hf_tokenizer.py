@@ -60,6 +60,7 @@ class HFTokenizer:
         self.stop_ids: frozenset[int] = frozenset(eos_ids)
         pad = token_id(special.pad, "pad")
         self.pad_id: int = pad if pad is not None else self.eos_id
+        self.chat_template: str | None = None
         self.add_bos = special.add_bos if special.add_bos is not None else self._post_processor_adds_bos()
 
     def _post_processor_adds_bos(self) -> bool:

@@ -28,6 +28,7 @@ class TextTokenizer(Protocol):
     eos_id: int
     pad_id: int
     stop_ids: frozenset[int]
+    chat_template: str | None  # the base's own (jinja), set by the loader when it has one
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
@@ -66,6 +67,7 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         # The loader adds the end-of-turn ids a base's config.json / generation_config.json name.
         self.stop_ids: frozenset[int] = frozenset({self.eos_id})
+        self.chat_template: str | None = None
 
     @cached_property
     def _specials(self) -> tuple[re.Pattern[str], dict[str, int]]:

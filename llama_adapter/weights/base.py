@@ -203,18 +203,21 @@ def read_special_tokens(base_dir: Path) -> SpecialTokens:
 
 
 def open_tokenizer(base_dir: Path) -> TextTokenizer:
-    """The base's tokenizer, with every end-of-turn id its configs name among its stop ids."""
+    """The base's tokenizer, with every end-of-turn id its configs name among its stop ids, and its chat template."""
     path = find_tokenizer(base_dir)
     special = read_special_tokens(base_dir)
+    tokenizer: TextTokenizer
     if path.suffix == ".json":
-        return HFTokenizer(path, special)
-    try:
-        tokenizer = Tokenizer(path)
-    except ValueError:
-        if not (base_dir / "tokenizer.json").is_file():
-            raise
-        return HFTokenizer(base_dir / "tokenizer.json", special)  # e.g. a tiktoken tokenizer.model beside it
-    tokenizer.stop_ids |= {i for i in special.eos_ids if 0 <= i < tokenizer.n_words}
+        tokenizer = HFTokenizer(path, special)
+    else:
+        try:
+            tokenizer = Tokenizer(path)
+            tokenizer.stop_ids |= {i for i in special.eos_ids if 0 <= i < tokenizer.n_words}
+        except ValueError:
+            if not (base_dir / "tokenizer.json").is_file():
+                raise
+            tokenizer = HFTokenizer(base_dir / "tokenizer.json", special)  # e.g. a tiktoken tokenizer.model beside it
+    tokenizer.chat_template = read_chat_template(base_dir)
     return tokenizer
 
 

@@ -107,10 +107,8 @@ class ModelConfig:
         n_heads = cfg["num_attention_heads"]
         rope = rope_parameters(path, cfg)
         theta = rope.pop("rope_theta")
+        # Dynamic NTK (as transformers computes it) changes nothing within max_position_embeddings: stay there.
         max_seq_len = cfg.get("max_position_embeddings", 2048)
-        if rope.get("rope_type") == "dynamic":
-            # Dynamic NTK changes nothing within the original context: stay there, exactly.
-            max_seq_len = rope.get("original_max_position_embeddings", max_seq_len)
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         args: dict[str, Any] = dict(
             dim=cfg["hidden_size"],
@@ -130,7 +128,8 @@ class ModelConfig:
         )
         if "max_seq_len" in overrides and rope.get("rope_type") == "dynamic" and overrides["max_seq_len"] > max_seq_len:
             raise ValueError(
-                f"{path}: dynamic RoPE scaling is exact only up to the original {max_seq_len} positions; pass max_seq_len <= {max_seq_len}"
+                f"{path}: dynamic RoPE scaling is plain RoPE only up to the original {max_seq_len} positions; "
+                f"pass max_seq_len <= {max_seq_len}"
             )
         args.update(overrides)
         return cls(**args)

@@ -157,6 +157,8 @@ def test_int8_quantizes_the_tied_head_from_the_embedding(llama3_dir: Path, llama
     scale = emb.abs().amax(dim=1) / 127  # per-row absmax, as int8 serving quantizes every matrix
     assert torch.equal(q.model.output.weight, (emb / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
     assert torch.allclose(q.model.output.scale, scale)
+    adapted = q.with_adapter(llama_adapter.AdapterConfig(adapter_len=3, adapter_layer=2))  # shares the int8 head
+    assert adapted.model.output.weight.data_ptr() == q.model.output.weight.data_ptr()
     tokens = torch.tensor([llama3_pipe.tokenizer.encode(TEXT)])
     with torch.no_grad():
         ref, ours = llama3_pipe.model(tokens), q.model(tokens)
@@ -178,3 +180,18 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, llama3_d
     (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"tokenizer.json has 425 tokens but the model .* has only 415 embeddings"):
         llama_adapter.load(tmp_path / "base", device="cpu")
+
+
+def test_dynamic_rope_keeps_to_the_original_context(tmp_path: Path, llama3_dir: Path) -> None:
+    cfg = json.loads((llama3_dir / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    args = llama_adapter.ModelConfig.from_hf_config(tmp_path / "config.json")
+    # transformers scales only past max_position_embeddings (256): up to there the frequencies are plain.
+    assert args.max_seq_len == 256 and args.rope_scaling is None
+    with pytest.raises(ValueError, match="plain RoPE only up to the original 256 positions"):
+        llama_adapter.ModelConfig.from_hf_config(tmp_path / "config.json", max_seq_len=512)
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3, dynamic"):
+        llama_adapter.ModelConfig.from_hf_config(tmp_path / "config.json")

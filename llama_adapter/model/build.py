@@ -35,9 +35,10 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
     lazy source never holds the full-precision model on the device.  Adapter parameters that
     ``tensors`` lacks start fresh (``Transformer.reset_adapter_parameters``).
 
-    Tied embeddings (``tie_word_embeddings``) are handled here, in one place: any ``output.weight``
-    in ``tensors`` is ignored and the head is the embedding matrix itself (one tensor), or, when
-    the head is quantized, the int8 quantization of that matrix.
+    Tied embeddings (``tie_word_embeddings``) are handled here, in one place: a full-precision
+    ``output.weight`` in ``tensors`` is ignored and the head is the embedding matrix itself (one
+    tensor), or, when the head is quantized, the int8 quantization of that matrix (an int8 head
+    that ``tensors`` already holds, from a loaded model, is used as it is).
     """
     to_quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Int8Linear)}
     cfg = model.adapter_config
@@ -46,10 +47,9 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
     tied = model.args.tie_word_embeddings
     state: dict[str, Tensor] = {}
     for name, t in tensors:
-        if tied and name == TIED_HEAD:
+        # A stored head is not used (the embedding is), unless it is the int8 head of an already loaded model.
+        if tied and name == TIED_HEAD and not (name in to_quantize and t.dtype == torch.int8):
             continue
-        if tied and name == TIED_EMBEDDING and TIED_HEAD in to_quantize and t.dtype != torch.int8:
-            state[TIED_HEAD], state["output.scale"] = quantize_weight(t.to(device), dtype)
         if name in to_quantize and t.dtype != torch.int8:
             state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
         elif is_adapter(name, tuned_norms, base_biases):
@@ -58,6 +58,8 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     if tied and TIED_HEAD not in to_quantize:
         state[TIED_HEAD] = state[TIED_EMBEDDING]
+    elif tied and TIED_HEAD not in state:
+        state[TIED_HEAD], state["output.scale"] = quantize_weight(state[TIED_EMBEDDING], dtype)
     fresh = {n: p for n, p in model.adapter_parameters().items() if n not in state}
     for name, p in fresh.items():
         state[name] = torch.empty(p.shape, dtype=serving_dtype(name, dtype), device=device)

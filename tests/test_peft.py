@@ -11,6 +11,10 @@ from safetensors.torch import load_file
 import llama_adapter
 from llama_adapter import AdapterConfig
 from llama_adapter.convert import main as convert
+from llama_adapter.weights import hub
+
+from .test_hub import hf_cache as offline_cache  # noqa: F401 (test_hub's fixture: an empty Hugging Face cache, offline)
+from .test_hub import put_in_cache
 
 TEXT = "the water is long and the people come to find oil, said she"
 
@@ -105,3 +109,13 @@ def test_a_peft_lora_directory_is_refused_by_name(llama3_pipe, tmp_path: Path) -
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     with pytest.raises(llama_adapter.CheckpointError, match="a peft LORA adapter; only ADAPTION_PROMPT adapters"):
         llama3_pipe.with_adapter(tmp_path)
+
+
+@pytest.mark.usefixtures("offline_cache")
+def test_a_peft_repo_on_the_hub_loads_from_the_cache(peft_dir: Path, llama3_pipe) -> None:
+    files = {name: peft_dir / name for name in ("adapter_config.json", "adapter_model.safetensors")}
+    put_in_cache(Path(hub.hf_constants.HF_HUB_CACHE), "me/peft-adapter", files)
+    from_hub = llama3_pipe.with_adapter("me/peft-adapter")
+    local = llama3_pipe.with_adapter(peft_dir)
+    tokens = torch.tensor([llama3_pipe.tokenizer.encode(TEXT)])
+    assert torch.equal(from_hub.model(tokens), local.model(tokens))

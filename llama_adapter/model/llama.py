@@ -261,7 +261,10 @@ class Transformer(nn.Module):
         self.args, self.adapter_config = args, cfg
         first = args.n_layers - (cfg.adapter_layer if cfg else 0)
         if first < 0:
-            raise ValueError(f"adapter_layer {cfg.adapter_layer if cfg else 0} exceeds the model's {args.n_layers} layers")
+            raise ValueError(
+                f"adapter_layer {cfg.adapter_layer if cfg else 0} exceeds the model's {args.n_layers} layers "
+                f"(training: pass --adapter-layer {args.n_layers - 2} or fewer)"
+            )
         if cfg is not None and cfg.bias and args.has_base_biases:
             raise ValueError("this base model has biases of its own (attention_bias / mlp_bias); adapters with V2 biases cannot go on it")
         self.first_adapted_layer = first

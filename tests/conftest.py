@@ -135,6 +135,15 @@ def llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3_hf(llama3_dir: Path):
+    """The reference for the Llama-3-style base: transformers' model and tokenizer, read from its directory."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(llama3_dir, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(llama3_dir)
+
+
+@pytest.fixture(scope="session")
 def llama3_pipe(llama3_dir: Path):
     import llama_adapter
 

@@ -22,13 +22,7 @@ from .llama3 import EOS, EOT
 
 TEXT = "the water is long and the people come to find oil, 日本語のテキスト 🙂 👍🏽 said she"
 
-
-@pytest.fixture(scope="module")
-def llama3_hf(llama3_dir: Path):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(llama3_dir, attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(llama3_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest on one thread, and the cores are shared
 
 
 def test_llama3_tokens_and_logits_match_transformers(llama3_pipe, llama3_hf) -> None:

@@ -23,12 +23,12 @@ from .test_train import task_records
 SYSTEM = "You answer in one short sentence."
 TURNS = [("which way is the water?", "down the long way."), ("and the oil?", "it was made by people.")]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest on one thread, and the cores are shared
+
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(llama3_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(llama3_dir)
+def hf_tokenizer(llama3_hf):
+    return llama3_hf[1]
 
 
 def conversation(turns, message: str, system: str | None) -> list[dict[str, str]]:
@@ -63,13 +63,11 @@ def test_alpaca_stays_the_default(llama3_pipe, pipe) -> None:
         prompt_format(pipe.tokenizer, "chatml")
 
 
-def test_templated_greedy_chat_equals_transformers_and_stops_at_end_of_turn(llama3_pipe, llama3_dir: Path, hf_tokenizer) -> None:
-    from transformers import LlamaForCausalLM
-
+def test_templated_greedy_chat_equals_transformers_and_stops_at_end_of_turn(llama3_pipe, llama3_hf) -> None:
+    model, hf_tokenizer = llama3_hf
     prompt = prompt_format(llama3_pipe.tokenizer, "auto").chat(TURNS, "tell me about the day", SYSTEM)
     stream = llama3_pipe.stream(prompt, max_new_tokens=30, temperature=0)
     "".join(stream)
-    model = LlamaForCausalLM.from_pretrained(llama3_dir, attn_implementation="eager").eval()
     ids = torch.tensor([template_ids(hf_tokenizer, conversation(TURNS, "tell me about the day", SYSTEM))])
     stops = sorted(llama3_pipe.tokenizer.stop_ids)
     with torch.no_grad():
@@ -116,7 +114,7 @@ def test_template_training_masks_the_prompt_and_ends_at_end_of_turn(llama3_pipe)
     assert tok.decode(learned) == "water." and learned[-1] == tok.backend.token_to_id(EOT)
 
 
-def test_training_learns_on_a_llama3_base_with_its_template(llama3_dir: Path, tmp_path: Path, one_thread) -> None:
+def test_training_learns_on_a_llama3_base_with_its_template(llama3_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", task_records(32, 0))
     val = write_jsonl(tmp_path / "val.jsonl", task_records(12, 1))
     args = ["--base", llama3_dir, "--data", data, "--val-data", val, "--out", tmp_path / "run", "--adapter-len", 6,

@@ -18,6 +18,8 @@ from .test_hub import put_in_cache
 
 TEXT = "the water is long and the people come to find oil, said she"
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: fastest on one thread, and the cores are shared
+
 
 def hf_base(llama3_dir: Path):
     from transformers import LlamaForCausalLM

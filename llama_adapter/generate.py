@@ -1,7 +1,7 @@
 """Command line: stream a completion to stdout.
 
 python -m llama_adapter.generate --base B [--adapter A] (--prompt TEXT | --instruction TEXT [--input TEXT] | --caption)
-    [--image PATH]
+    [--image PATH] [--chat-template alpaca|auto] [--system TEXT]
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from llama_adapter import CheckpointError
 from llama_adapter.inputs.tokenizer import StreamDecoder
 from llama_adapter.model.llama import rope_frequencies
 from llama_adapter.model.quantize import Int8Linear
+from llama_adapter.weights.base import open_tokenizer
 
 from .conftest import make_hf_model
 from .llama3 import EOS, EOT
@@ -189,3 +190,33 @@ def test_dynamic_rope_keeps_to_the_original_context(tmp_path: Path, llama3_dir: 
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3, dynamic"):
         llama_adapter.ModelConfig.from_hf_config(tmp_path / "config.json")
+
+
+def test_sentencepiece_style_tokenizer_json_streams_exactly(tmp_path: Path) -> None:
+    """The other kind of tokenizer.json (TinyLlama, Llama-2 HF repos): Metaspace pieces with byte fallback, whose
+    decoder strips the first space; BOS comes from the file's post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    from .conftest import SPECIAL_LINES, corpus_lines
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False)
+    tok.train_from_iterator(corpus_lines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    hf = open_tokenizer(tmp_path)
+    assert (hf.bos_id, hf.eos_id, hf.stop_ids) == (1, 2, {2})
+    for line in SPECIAL_LINES:
+        ids = hf.encode(line)
+        assert ids[0] == 1 and ids[1:] == tok.encode(line, add_special_tokens=False).ids
+        decoder = StreamDecoder(hf)
+        assert "".join(decoder.push(i) for i in ids) + decoder.flush() == hf.decode(ids) == line
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = [rng.randrange(hf.n_words) for _ in range(rng.randint(1, 30))]
+        decoder = StreamDecoder(hf)
+        assert "".join(decoder.push(i) for i in ids) + decoder.flush() == hf.decode(ids), ids

@@ -135,3 +135,20 @@ def test_generate_cli_renders_the_template_with_a_system_prompt(llama3_dir: Path
     expected = "".join(llama3_pipe.stream(prompt, max_new_tokens=12, temperature=0))
     assert capsys.readouterr().out == expected + "\n"
     assert prompt != prompt_format(llama3_pipe.tokenizer, "auto").chat([], "the day\n\nand the water", None)
+
+
+def test_app_settings_pick_the_template_and_system_prompt(llama3_dir: Path, capsys) -> None:
+    import app
+
+    env = {"LLAMA_ADAPTER_CHAT_TEMPLATE": "auto", "LLAMA_ADAPTER_SYSTEM_PROMPT": SYSTEM}
+    args = ["--base", str(llama3_dir), "--adapter", "none", "--caption-adapter", "none", "--device", "cpu"]
+    settings = app.parse_settings(args, env=env)
+    assert (settings.chat_template, settings.system_prompt) == ("auto", SYSTEM)
+    models = app.load_models(settings)
+    assert isinstance(models.chat_format, ChatTemplate) and models.system_prompt == SYSTEM
+    assert "the base&#x27;s chat template" in app.model_panel(models)
+    app.build_demo(models)  # the page builds, with the system prompt box
+    assert app.parse_settings([], env={}).chat_template == "alpaca"
+    with pytest.raises(SystemExit):
+        app.parse_settings([], env={"LLAMA_ADAPTER_CHAT_TEMPLATE": "chatml"})
+    assert "use alpaca or auto" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 import llama_adapter
 from llama_adapter import ImageError, Pipeline, PromptTruncatedWarning
 from llama_adapter.errors import USER_ERRORS, user_message
+from llama_adapter.inputs.chat_template import CHAT_TEMPLATE_CHOICES, AlpacaFormat, PromptFormat, prompt_format
 from llama_adapter.inputs.images import load_image
 from llama_adapter.inputs.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
 from llama_adapter.options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, one_of, parse_adapter_shape
@@ -79,6 +80,8 @@ ENV_VARS = {
     "quantize": "LLAMA_ADAPTER_QUANTIZE",
     "compile": "LLAMA_ADAPTER_COMPILE",
     "tiny": "LLAMA_ADAPTER_TINY",
+    "chat_template": "LLAMA_ADAPTER_CHAT_TEMPLATE",
+    "system_prompt": "LLAMA_ADAPTER_SYSTEM_PROMPT",
 }  # --host, --port and --share fall back to Gradio's own GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, GRADIO_SHARE
 
 
@@ -96,6 +99,8 @@ class Settings:
     host: str | None  # None: Gradio decides (its env vars, then 127.0.0.1:7860), as Spaces expects
     port: int | None
     share: bool | None
+    chat_template: str = "alpaca"  # or "auto": the base's own chat template, when it has one
+    system_prompt: str = ""  # for chat templates; the Alpaca template has no system prompt
 
 
 def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -125,6 +130,12 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     p.add_argument(
         "--tiny", action="store_true", default=None, help=f"a tiny random model, built offline, to try the UI [{ENV_VARS['tiny']}=1]"
     )
+    p.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_CHOICES,
+        help=f"alpaca (default: the official adapters' template) or auto: the base's own chat template [{ENV_VARS['chat_template']}]",
+    )
+    p.add_argument("--system-prompt", help=f"initial system prompt for chat templates [{ENV_VARS['system_prompt']}]")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1) [GRADIO_SERVER_NAME]")
     p.add_argument("--port", type=int, help="port (default 7860, or the next free one) [GRADIO_SERVER_PORT]")
     p.add_argument("--share", action="store_true", default=None, help="also serve through a public gradio.live link [GRADIO_SHARE=True]")
@@ -150,6 +161,9 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     dtype = pick("dtype")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         p.error(f"{ENV_VARS['dtype']}={dtype!r}: use {one_of(DTYPE_CHOICES)}")
+    chat_template = pick("chat_template") or "alpaca"
+    if chat_template not in CHAT_TEMPLATE_CHOICES:
+        p.error(f"{ENV_VARS['chat_template']}={chat_template!r}: use {one_of(CHAT_TEMPLATE_CHOICES)}")
     quantize = pick("quantize")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         p.error(f"{ENV_VARS['quantize']}={quantize!r}: use {one_of(QUANTIZE_MODES)}")
@@ -166,6 +180,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         host=a.host,
         port=a.port,
         share=a.share,
+        chat_template=chat_template,
+        system_prompt=pick("system_prompt") or "",
     )
 
 
@@ -177,13 +193,15 @@ class Models:
     chat: Pipeline
     caption: Pipeline | None  # None: no image model, and the captioning tab says so
     tiny: bool
+    chat_format: PromptFormat = field(default_factory=AlpacaFormat)  # how the chat tab and /chat build prompts
+    system_prompt: str = ""
 
 
 def load_models(s: Settings) -> Models:
     if s.tiny:
         print("Building the tiny random model (random weights, for trying the interface)...", flush=True)
         chat = load_tiny(s.device or "cpu", s.dtype)
-        return Models(chat, load_tiny_captioner(chat), tiny=True)
+        return Models(chat, load_tiny_captioner(chat), True, prompt_format(chat.tokenizer, s.chat_template), s.system_prompt)
     print(f"Loading {s.base} with adapter {s.adapter or 'none'} (downloads are cached after the first run)...", flush=True)
     chat = llama_adapter.load(
         s.base, s.adapter, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile, adapter_shape=s.adapter_shape
@@ -192,7 +210,7 @@ def load_models(s: Settings) -> Models:
     if s.caption_adapter:
         print(f"Loading the image model: {s.caption_adapter} on the same base...", flush=True)
         caption = chat.with_adapter(s.caption_adapter)  # shares the base weights: no second copy
-    return Models(chat, caption, tiny=False)
+    return Models(chat, caption, False, prompt_format(chat.tokenizer, s.chat_template), s.system_prompt)
 
 
 def startup_error(err: Exception) -> str:
@@ -281,6 +299,7 @@ def model_panel(models: Models) -> str:
         ("Device", str(chat.device)),
         ("Dtype", str(chat.dtype).removeprefix("torch.")),
         ("Context", f"{chat.max_seq_len} tokens"),
+        ("Prompt template", "the base's chat template" if models.chat_format.name == "auto" else "Alpaca"),
         ("Trainable parameters", f"{chat.adapter_parameter_count():,} (the adapter)"),
     ]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
@@ -290,6 +309,7 @@ def model_panel(models: Models) -> str:
 def build_demo(models: Models) -> gr.Blocks:
     chat_pipe = models.chat
     limit = chat_pipe.max_seq_len
+    chat_format = models.chat_format
 
     def add_user_message(message: str, history: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         if not message or not message.strip():
@@ -297,13 +317,22 @@ def build_demo(models: Models) -> gr.Blocks:
         return "", [*history, {"role": "user", "content": message}]
 
     @gpu
-    def respond(history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int) -> Iterator[list[dict[str, Any]]]:
+    def respond(
+        history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int, system: str = ""
+    ) -> Iterator[list[dict[str, Any]]]:
         n = int(max_new_tokens)  # the sliders have checked the ranges
         turns = chat_turns(history)
         if not turns:
             raise user_error("There is no message to answer: type one first.")
         *past, (message, _) = turns
-        prompt = fit_chat(past, message, chat_pipe.count_tokens, chat_pipe.prompt_budget(n))
+
+        def render(earlier: list[tuple[str, str]], text: str) -> str:
+            return chat_format.chat(earlier, text, system.strip() or None)
+
+        try:
+            prompt = fit_chat(past, message, chat_pipe.count_tokens, chat_pipe.prompt_budget(n), render)
+        except ValueError as e:  # the base's template refused the conversation
+            raise user_error(str(e)) from None
         if prompt.dropped_turns:
             gr.Warning(
                 f"The conversation no longer fits in the model's {limit}-token context: it does not see the oldest "
@@ -322,7 +351,8 @@ def build_demo(models: Models) -> gr.Blocks:
         """One instruction in, the streamed reply out (no history: each call stands alone)."""
         if not message or not message.strip():
             raise user_error("The message is empty: send a question or an instruction.")
-        yield from stream_text(chat_pipe, format_prompt(message), "chat", temperature, top_p, int(max_new_tokens))
+        prompt = chat_format.instruction(message, "", models.system_prompt or None)
+        yield from stream_text(chat_pipe, prompt, "chat", temperature, top_p, int(max_new_tokens))
 
     @gpu
     def caption(image: dict[str, Any] | None, prompt: str, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
@@ -398,18 +428,25 @@ def build_demo(models: Models) -> gr.Blocks:
                     max_new_tokens = gr.Slider(1, limit, value=min(SAMPLING.max_new_tokens, limit), step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=SAMPLING.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=SAMPLING.top_p, step=0.05, label="Top-p")
+                    system = gr.Textbox(
+                        value=models.system_prompt,
+                        label="System prompt",
+                        lines=2,
+                        visible=chat_format.name != "alpaca",  # the Alpaca template has no place for one
+                        elem_id="system-prompt",
+                    )
                 with gr.Accordion("Model", open=True):
                     gr.HTML(model_panel(models), elem_id="model-panel")
 
         settings = [temperature, top_p, max_new_tokens]
         submit_events = [
             trigger(add_user_message, [message, chatbot], [message, chatbot], queue=False, api_visibility="private").success(
-                respond, [chatbot, *settings], [chatbot], api_visibility="private", **model_event
+                respond, [chatbot, *settings, system], [chatbot], api_visibility="private", **model_event
             )
             for trigger in (message.submit, send.click)
         ]
         retry_event = chatbot.retry(drop_last_reply, [chatbot], [chatbot], queue=False, api_visibility="private").then(
-            respond, [chatbot, *settings], [chatbot], api_visibility="private", **model_event
+            respond, [chatbot, *settings, system], [chatbot], api_visibility="private", **model_event
         )
         chat_events = [*submit_events, retry_event]
         stop.click(None, cancels=chat_events, api_visibility="private")

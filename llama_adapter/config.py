@@ -16,6 +16,11 @@ ChannelOrder = Literal["rgb", "bgr"]
 # Meta's (and the official LLaMA-Adapter code's) ModelArgs default, for a params.json without norm_eps.
 META_NORM_EPS = 1e-5
 
+# What from_hf_config reads: transformers' Llama (other model types may share its layout but not its maths).
+SUPPORTED_MODEL_TYPES = ("llama",)
+# RoPE frequency scalings that are a fixed table (transformers' names); "dynamic" is exact up to the original context.
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
 
 @dataclass
 class ModelConfig:
@@ -33,10 +38,18 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # The output head is the embedding matrix (Llama-3.2-1B/3B): one tensor, never two copies.
     tie_word_embeddings: bool = False
+    # An explicit head width (HF ``head_dim``) when it is not dim / n_heads.
+    head_size: int | None = None
+    # Biases on q/k/v/o (HF ``attention_bias``) and on the MLP (``mlp_bias``): part of the base model.
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # transformers' rope parameters without rope_theta: {"rope_type": "llama3", "factor": 32.0, ...}; None is plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
+        if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
@@ -49,7 +62,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
+
+    @property
+    def has_base_biases(self) -> bool:
+        """Whether the base model itself has biases (then no adapter may add its own on the same projections)."""
+        return self.attention_bias or self.mlp_bias
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -80,33 +98,73 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelConfig:
+        """A transformers ``LlamaConfig`` (Llama 1/2/3, TinyLlama, SmolLM, ...), old or new (``rope_parameters``) style."""
         cfg = json.loads(Path(path).read_text())
         model_type = cfg.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"{path}: model_type {model_type!r} is not a Llama model")
-        if cfg.get("rope_scaling"):
-            raise ValueError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            supported = ", ".join(map(repr, SUPPORTED_MODEL_TYPES))
+            raise ValueError(
+                f"{path}: model_type {model_type!r} is not supported; this package runs the LLaMA architecture "
+                f"(model_type {supported}: Llama 1/2/3, TinyLlama, SmolLM and other LlamaForCausalLM checkpoints)"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses silu)")
+        if cfg.get("pretraining_tp", 1) != 1:
+            raise ValueError(
+                f"{path}: pretraining_tp {cfg['pretraining_tp']} is not supported; re-save the checkpoint with pretraining_tp 1"
+            )
         n_heads = cfg["num_attention_heads"]
+        rope = rope_parameters(path, cfg)
+        theta = rope.pop("rope_theta")
+        # Dynamic NTK (as transformers computes it) changes nothing within max_position_embeddings: stay there.
+        max_seq_len = cfg.get("max_position_embeddings", 2048)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         args: dict[str, Any] = dict(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            rope_theta=theta,
+            max_seq_len=max_seq_len,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            head_size=head_dim if head_dim * n_heads != cfg["hidden_size"] else None,
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            rope_scaling=rope if rope.get("rope_type", "default") not in ("default", "dynamic") else None,
         )
-        if cfg.get("head_dim", args["dim"] // n_heads) != args["dim"] // n_heads:
-            raise ValueError(f"{path}: head_dim other than hidden_size / num_attention_heads is not supported")
+        if "max_seq_len" in overrides and rope.get("rope_type") == "dynamic" and overrides["max_seq_len"] > max_seq_len:
+            raise ValueError(
+                f"{path}: dynamic RoPE scaling is plain RoPE only up to the original {max_seq_len} positions; "
+                f"pass max_seq_len <= {max_seq_len}"
+            )
         args.update(overrides)
         return cls(**args)
 
     def summary(self) -> dict[str, int]:
         """The dims an adapter depends on (stored in adapter metadata and checked on load)."""
         return {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.kv_heads}
+
+
+def rope_parameters(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta`` plus the scaling of a config.json, from either spelling: ``rope_theta`` + ``rope_scaling``
+    (checkpoints on the Hub) or ``rope_parameters`` (what transformers 5 writes); ``type`` is ``rope_type``'s old name."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    kind = params.setdefault("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{path}: partial_rotary_factor {params['partial_rotary_factor']} is not supported")
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    missing = [k for k in needed.get(kind, ()) if k not in params]
+    if missing:
+        raise ValueError(f"{path}: {kind} RoPE scaling lacks {', '.join(missing)}")
+    return params
 
 
 # The name this class had before 0.2 (kept for one release).

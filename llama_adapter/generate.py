@@ -1,7 +1,7 @@
 """Command line: stream a completion to stdout.
 
 python -m llama_adapter.generate --base B [--adapter A] (--prompt TEXT | --instruction TEXT [--input TEXT] | --caption)
-    [--image PATH]
+    [--image PATH] [--chat-template alpaca|auto] [--system TEXT]
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import warnings
 import torch
 
 from .errors import USER_ERRORS, user_message
-from .inputs.prompts import caption_prompt, format_prompt
+from .inputs.chat_template import CHAT_TEMPLATE_CHOICES, prompt_format
+from .inputs.prompts import caption_prompt
 from .options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, parse_adapter_shape
 from .serve.loading import load
 from .serve.pipeline import PromptTruncatedWarning
@@ -34,6 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--instruction", help="an instruction, wrapped in the Alpaca template")
     text.add_argument("--caption", action="store_true", help="caption --image with the official caption prompt")
     p.add_argument("--input", help="optional input for --instruction")
+    p.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_CHOICES,
+        default="alpaca",
+        help="template for --instruction: alpaca (the official adapters'), or auto: the base's own chat template when it has one",
+    )
+    p.add_argument("--system", help="system prompt for --instruction with a chat template (Alpaca has none)")
     p.add_argument("--image", help="image file for a multimodal adapter (e.g. BIAS-7B, CAPTION-7B)")
     p.add_argument("--max-new-tokens", type=int, default=SAMPLING.max_new_tokens)
     p.add_argument("--temperature", type=float, default=SAMPLING.temperature, help="0 is greedy")
@@ -57,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.adapter_shape = parse_adapter_shape(args.adapter_shape)
         except ValueError as e:
             p.error(f"--adapter-shape: {e}")
+    if args.system is not None and args.instruction is None:
+        p.error("--system goes with --instruction")
     return args
 
 
@@ -66,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("llama_adapter").addHandler(handler)
     logging.getLogger("llama_adapter").setLevel(logging.INFO)
-    if args.caption:
-        prompt = caption_prompt()
-    else:
-        prompt = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
     try:
         pipe = load(
             args.base,
@@ -81,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             quantize=args.quantize,
             compile=args.compile,
         )
+        if args.caption:
+            prompt = caption_prompt()
+        elif args.prompt is not None:
+            prompt = args.prompt
+        else:
+            prompt = prompt_format(pipe.tokenizer, args.chat_template).instruction(args.instruction, args.input, args.system)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)  # reported below, once, in our words
             stream = pipe.stream(

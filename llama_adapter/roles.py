@@ -106,9 +106,12 @@ def role_of(name: str) -> Role:
     return Role.BASE
 
 
-def is_adapter(name: str, tuned_norms: bool) -> bool:
-    """Whether ``name`` belongs to the adapter (its file, its trainable tensors); norms only when tuned."""
+def is_adapter(name: str, tuned_norms: bool, base_biases: bool = False) -> bool:
+    """Whether ``name`` belongs to the adapter (its file, its trainable tensors); norms only when tuned, and
+    biases not on a base that has its own (``attention_bias`` / ``mlp_bias``)."""
     role = role_of(name)
+    if role is Role.BIAS and base_biases:
+        return False
     return ROLES[role].in_adapter and (role is not Role.NORM or tuned_norms)
 
 

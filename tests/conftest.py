@@ -127,6 +127,30 @@ def write_meta_dir(out: Path, state: dict[str, torch.Tensor], params: dict[str, 
 
 
 @pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-3-style base (tests/llama3.py): byte-level BPE tokenizer.json, chat template, llama3 RoPE, tied embeddings, GQA."""
+    from .llama3 import write_llama3_base
+
+    return write_llama3_base(tmp_path_factory.mktemp("llama3") / "base", corpus_lines())
+
+
+@pytest.fixture(scope="session")
+def llama3_hf(llama3_dir: Path):
+    """The reference for the Llama-3-style base: transformers' model and tokenizer, read from its directory."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(llama3_dir, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(llama3_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_pipe(llama3_dir: Path):
+    import llama_adapter
+
+    return llama_adapter.load(llama3_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
 def pipe(hf_dir: Path):
     """The tiny base model loaded through the public API (fp32, CPU)."""
     import llama_adapter

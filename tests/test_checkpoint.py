@@ -164,7 +164,7 @@ def test_base_without_tokenizer_says_so(tmp_path: Path, hf_dir: Path) -> None:
     bad = tmp_path / "no_tok"
     shutil.copytree(hf_dir, bad)
     (bad / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model in"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in"):
         llama_adapter.load(bad, device="cpu")
 
 

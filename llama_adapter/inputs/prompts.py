@@ -57,8 +57,15 @@ def format_chat(turns: Sequence[tuple[str, str]], message: str) -> str:
     return f"{head}{past}### Instruction:\n{tail}"
 
 
-def fit_chat(turns: Sequence[tuple[str, str]], message: str, count_tokens: Callable[[str], int], budget: int) -> ChatPrompt:
-    """The conversation prompt with as many of the most recent turns as fit in ``budget`` tokens.
+def fit_chat(
+    turns: Sequence[tuple[str, str]],
+    message: str,
+    count_tokens: Callable[[str], int],
+    budget: int,
+    render: Callable[[Sequence[tuple[str, str]], str], str] = format_chat,
+) -> ChatPrompt:
+    """The conversation prompt (``render``: Alpaca's ``format_chat`` or a chat template's) with as many of the
+    most recent turns as fit in ``budget`` tokens.
 
     The new message itself is always kept, even alone over budget: the model then truncates it.
     """
@@ -66,8 +73,8 @@ def fit_chat(turns: Sequence[tuple[str, str]], message: str, count_tokens: Calla
     lo, hi = 0, len(turns)
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_tokens(format_chat(turns[mid:], message)) <= budget:
+        if count_tokens(render(turns[mid:], message)) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return ChatPrompt(format_chat(turns[lo:], message), lo)
+    return ChatPrompt(render(turns[lo:], message), lo)

@@ -15,9 +15,11 @@ layer; they exist only when switched on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +46,39 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape [max_seq_len, head_dim/2] for Meta's interleaved (complex pair) RoPE."""
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """The inverse frequencies [head_dim/2], computed as transformers computes them (float32), scaled as ``scaling`` says.
+
+    ``linear`` divides every frequency by ``factor``.  ``llama3`` (Llama 3.1/3.2) divides the low
+    frequencies (wavelengths above ``original / low_freq_factor``) by ``factor``, keeps the high
+    ones (below ``original / high_freq_factor``), and blends the band between linearly in
+    ``original / wavelength``.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled)
+    if kind != "default":
+        raise ValueError(f"unsupported RoPE scaling {kind!r}")
+    return inv_freq
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None, scaling: dict[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_seq_len, head_dim/2] for Meta's interleaved (complex pair) RoPE."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -134,11 +166,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        bias = extras is not None and extras.bias
+        # A base with attention_bias has its own biases; the V2 extra adds zero-init ones (never both: Transformer checks).
+        bias = (extras is not None and extras.bias) or args.attention_bias
         lora_rank = extras.lora_rank if extras is not None else 0
         self.wq = Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
-        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
         self.wo = Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
         # Adapter parameters get their values from Transformer.reset_adapter_parameters (or a file).
         self.gate: nn.Parameter | None = nn.Parameter(torch.empty(1, args.n_heads, 1, 1)) if adapted else None
@@ -211,6 +244,7 @@ class Block(nn.Module):
         super().__init__()
         self.attention = Attention(args, layer_id, adapted, extras)
         bias, lora_rank = (extras.bias, extras.lora_rank) if extras is not None else (False, 0)
+        bias = bias or args.mlp_bias
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, bias, lora_rank)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -227,12 +261,19 @@ class Transformer(nn.Module):
         self.args, self.adapter_config = args, cfg
         first = args.n_layers - (cfg.adapter_layer if cfg else 0)
         if first < 0:
-            raise ValueError(f"adapter_layer {cfg.adapter_layer if cfg else 0} exceeds the model's {args.n_layers} layers")
+            raise ValueError(
+                f"adapter_layer {cfg.adapter_layer if cfg else 0} exceeds the model's {args.n_layers} layers "
+                f"(training: pass --adapter-layer {args.n_layers - 2} or fewer)"
+            )
+        if cfg is not None and cfg.bias and args.has_base_biases:
+            raise ValueError("this base model has biases of its own (attention_bias / mlp_bias); adapters with V2 biases cannot go on it")
         self.first_adapted_layer = first
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i, cfg is not None and i >= first, cfg) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:  # one Parameter in two places; model/build.py keeps the tie when loading
+            self.output.weight = self.tok_embeddings.weight
         if cfg is not None:
             self.adapter_query = nn.Embedding(cfg.adapter_layer * cfg.adapter_len, args.dim)
         device = self.tok_embeddings.weight.device
@@ -255,7 +296,8 @@ class Transformer(nn.Module):
 
     def init_rope(self, device: torch.device | str | None) -> None:
         """(Re)build the RoPE tables on ``device``; called again after meta-device loading."""
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        args = self.args
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, device, args.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -265,7 +307,7 @@ class Transformer(nn.Module):
         cfg = self.adapter_config
         if cfg is None:
             return {}
-        return {n: p for n, p in self.named_parameters() if is_adapter(n, cfg.norm)}
+        return {n: p for n, p in self.named_parameters() if is_adapter(n, cfg.norm, self.args.has_base_biases)}
 
     def adapter_kv(self, visual_prompt: Tensor | None = None) -> list[AdapterKV | None]:
         """Per layer (None below the adapted layers): Kp and gated Vp for the whole request.
@@ -285,7 +327,7 @@ class Transformer(nn.Module):
 
     def base_parameter_names(self) -> set[str]:
         """The names a base LLaMA checkpoint provides: all but prompts, gates, biases and LoRA (norms included)."""
-        return {n for n in self.state_dict() if not is_adapter(n, tuned_norms=False)}
+        return {n for n in self.state_dict() if not is_adapter(n, tuned_norms=False, base_biases=self.args.has_base_biases)}
 
     def forward(self, tokens: Tensor, visual_prompt: Tensor | None = None) -> Tensor:
         """Full causal forward with no cache: float32 logits [B, T, V]."""

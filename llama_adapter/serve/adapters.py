@@ -13,6 +13,7 @@ from ..model.quantize import Int8Linear
 from ..model.visual import ClipSpec, VisualEncoder, build_visual
 from ..weights import hub
 from ..weights.adapter import AdapterFile, AdapterShape, fit_adapter, read_adapter
+from ..weights.peft import check_peft_base, is_peft_dir, read_peft_adapter
 from ..weights.state import shapes
 
 # What names an adapter: a file, an official release name, a Hub repo id or file, or a config for a fresh one.
@@ -20,8 +21,10 @@ AdapterSource = str | Path | AdapterConfig
 
 
 def read_adapter_source(adapter: str | Path, shape: AdapterShape | None = None, n_layers: int | None = None) -> AdapterFile:
-    """The adapter file that ``adapter`` names, downloaded (and cached) when it is a release name or repo id."""
-    return read_adapter(hub.resolve_adapter(adapter), shape=shape, n_layers=n_layers)
+    """The adapter file that ``adapter`` names, downloaded (and cached) when it is a release name or repo id;
+    a peft AdaptionPrompt directory (``adapter_config.json`` + ``adapter_model.safetensors``) too."""
+    path = hub.resolve_adapter(adapter)
+    return read_peft_adapter(path) if is_peft_dir(path) else read_adapter(path, shape=shape, n_layers=n_layers)
 
 
 def attach_adapter(
@@ -40,6 +43,8 @@ def attach_adapter(
     cfg = file.config if file is not None else adapter
     assert isinstance(cfg, AdapterConfig)
     args, dtype, device = base.args, base.tok_embeddings.weight.dtype, base.rope_cos.device
+    if file is not None and file.metadata.get("format") == "peft":
+        check_peft_base(args, f"peft adapter {file.path.parent}")
     visual: VisualEncoder | None = None
     if cfg.visual is not None:
         visual = build_visual(cfg.visual, cfg.adapter_len, args.dim, clip, fresh=file is None)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..inputs.tokenizer import Tokenizer
-from ..model.build import build_model, meta_model
+from ..errors import CheckpointError
+from ..model.build import TIED_HEAD, build_model, meta_model
 from ..model.quantize import quantized_linear_names
 from ..model.visual import ClipSpec
 from ..options import check_quantize, default_device, default_dtype, parse_dtype
 from ..weights import hub
 from ..weights.adapter import AdapterShape
-from ..weights.base import find_tokenizer, read_base_state, read_model_config
+from ..weights.base import open_tokenizer, read_base_state, read_model_config
 from ..weights.state import check_state, shapes
 from .adapters import AdapterSource
 from .pipeline import Pipeline
@@ -40,15 +40,21 @@ def load_base(
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     base_dir = hub.resolve_base(base)
-    tokenizer = Tokenizer(find_tokenizer(base_dir))
+    tokenizer = open_tokenizer(base_dir)
     args = read_model_config(base_dir, tokenizer.n_words, max_seq_len)
+    if tokenizer.n_words > args.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.path} has {tokenizer.n_words} tokens but the model in {base_dir} has only {args.vocab_size} embeddings "
+            "(vocab_size): this tokenizer does not belong to this model; put the model's own tokenizer beside its weights"
+        )
     skeleton = meta_model(args, None, dtype)
     int8 = quantized_linear_names(skeleton) if quantize else []
     # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
     # so the full-precision model never sits on the device.
     cpu = torch.device("cpu")
     state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
-    check_state(shapes(skeleton.state_dict().items()), state, f"base checkpoint {base_dir}")
+    tied = {TIED_HEAD} if args.tie_word_embeddings else set()  # the head is the embedding: not read
+    check_state(shapes(skeleton.state_dict().items()), state, f"base checkpoint {base_dir}", optional=tied)
     model = build_model(args, None, state.items(), dtype=dtype, device=device, int8=int8)
     return Pipeline(model, tokenizer, base=str(base), compile=compile)
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..config import AdapterConfig
 from ..inputs.images import ImageInput
-from ..inputs.tokenizer import StreamDecoder, Tokenizer
+from ..inputs.tokenizer import StreamDecoder, TextTokenizer
 from ..model.llama import Transformer
 from ..model.visual import ClipSpec, VisualEncoder
 from ..options import SAMPLING
@@ -66,7 +66,7 @@ def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
     return max_seq_len - min(max_new_tokens, max_seq_len // 4)
 
 
-def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: int) -> Request:
+def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: int | None) -> Request:
     """Left-truncate a prompt (keeping BOS) to ``prompt_budget`` tokens, so that a reply still fits.
 
     Generation then ends at the context limit if the reply runs longer.
@@ -83,8 +83,8 @@ def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, bos_id: in
 class RowText:
     """One row's sampled tokens turned into text: EOS, stop strings, streaming-safe decoding."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
-        self.eos_id = tokenizer.eos_id
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str]) -> None:
+        self.stop_ids = tokenizer.stop_ids  # EOS and end-of-turn tokens (e.g. Llama 3's <|eot_id|>)
         self.decoder = StreamDecoder(tokenizer)
         self.stopper = StopMatcher(stop)
         self.generated_ids: list[int] = []
@@ -96,7 +96,7 @@ class RowText:
         return self.finish_reason is not None
 
     def push(self, token: int) -> str:
-        if token == self.eos_id:
+        if token in self.stop_ids:
             return self.finish("eos")
         self.generated_ids.append(token)
         out, hit = self.stopper.feed(self.decoder.push(token))
@@ -129,7 +129,7 @@ class TextStream(Iterator[str]):
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, request: Request, steps: Iterator[list[int]], max_new_tokens: int, stop: Sequence[str]
+        self, tokenizer: TextTokenizer, request: Request, steps: Iterator[list[int]], max_new_tokens: int, stop: Sequence[str]
     ) -> None:
         self.prompt_ids = request.ids
         self.truncated_tokens = request.truncated
@@ -190,7 +190,7 @@ class Pipeline:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         base: str = "",
         adapter_name: str | None = None,
         visual: VisualEncoder | None = None,

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..config import AdapterConfig, VisualConfig
 from ..errors import USER_ERRORS, TrainError, user_message
+from ..inputs.chat_template import CHAT_TEMPLATE_CHOICES, prompt_format
 from ..model.visual import ClipSpec, clip_output_dim
 from ..options import DTYPE_CHOICES
 from ..roles import IMAGE_PHASES, prepare_for_serving, prepare_for_training
@@ -47,7 +48,7 @@ METRICS = "metrics.jsonl"
 # Arguments that decide the course of training: a resumed run must use the same ones.
 TRAJECTORY = ("base", "data", "val_data", "val_fraction", "epochs", "global_batch", "accum_steps", "lr", "weight_decay",
               "warmup_epochs", "min_lr", "adapter_len", "adapter_layer", "max_seq_len", "seed", "image_root", "phase",
-              "clip", "init_adapter", "lora_rank", "visual_dim", "visual_depth", "visual_heads")  # fmt: skip
+              "clip", "init_adapter", "lora_rank", "visual_dim", "visual_depth", "visual_heads", "chat_template")  # fmt: skip
 # Defaults per kind of run: the paper's text recipe, and the official V2 scripts' (exps/pretrain.sh counts
 # 150 epochs of 1/50 of the data with 5 warmup: 3 passes and 0.1; exps/finetune.sh: 4 epochs, 1 warmup).
 RECIPES = {
@@ -69,6 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-data", help="validation records (same format); eval loss is reported at each epoch end")
     val.add_argument("--val-fraction", type=float, help="hold out this fraction of --data (seeded) for validation")
+    p.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_CHOICES,
+        default="alpaca",
+        help="the prompt template: alpaca (the official one), or auto: the base's own chat template when it has one",
+    )
     images = p.add_argument_group("image-text training (official LLaMA-Adapter V2 layout)")
     images.add_argument("--image-root", help="the records' 'image' paths are relative to this directory; makes the run multimodal")
     images.add_argument("--phase", choices=IMAGE_PHASES, help="pretrain: visual adapter, prompts, gates; finetune: biases, norms (+LoRA)")
@@ -105,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers' activations in backward")
     args = p.parse_args(argv)
     check_multimodal_args(p, args)
+    if args.image_root and args.chat_template != "alpaca":
+        p.error("image-text training uses the official Alpaca template: drop --chat-template")
     kind = args.phase or "text"
     shape_from_file = args.init_adapter is not None
     defaults = RECIPES[kind] | (VISUAL_SHAPE if kind != "text" else {})
@@ -259,8 +268,11 @@ def train(args: argparse.Namespace) -> Pipeline:
         for t in adapter.values():
             dist.broadcast(t.data, 0)
 
-    train_set = encode_records(train_records, tokenizer, args.max_seq_len)
-    val_set = encode_records(val_records, tokenizer, args.max_seq_len)
+    fmt = prompt_format(tokenizer, args.chat_template)
+    if fmt.name != args.chat_template and world.main:
+        print("note: the base has no chat template of its own; using the Alpaca template")
+    train_set = encode_records(train_records, tokenizer, args.max_seq_len, fmt)
+    val_set = encode_records(val_records, tokenizer, args.max_seq_len, fmt)
     if not train_set.examples:
         raise TrainError(f"no training example has any response token within --max-seq-len {args.max_seq_len}")
     examples = train_set.examples

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..inputs.chat_template import PromptFormat
 from ..inputs.prompts import format_prompt
-from ..inputs.tokenizer import Tokenizer
+from ..inputs.tokenizer import TextTokenizer
 
 IGNORE_INDEX = -100  # target value that the loss skips (F.cross_entropy's default ignore_index)
 
@@ -189,25 +190,36 @@ class Encoded:
         return sum(len(e.ids) for e in self.examples)
 
 
-def encode_record(record: TrainingRecord, tokenizer: Tokenizer) -> Example:
-    """Tokenise prompt + response + EOS as one text, as generation will see it.
+def encode_record(record: TrainingRecord, tokenizer: TextTokenizer, fmt: PromptFormat | None = None) -> Example:
+    """Tokenise prompt + response as one text, as generation will see it, ending in EOS.
 
-    The response starts after the longest prefix shared with the prompt tokenised alone, so
-    a piece that merges across the boundary counts as response.
+    With a prompt format (``fmt``, e.g. the base's chat template) an instruction record's texts come
+    from it, and the reply ends with the template's own end-of-turn token (Llama 3's ``<|eot_id|>``)
+    when the template writes one, instead of an added EOS.  The response starts after the longest
+    prefix shared with the prompt tokenised alone, so a piece that merges across the boundary
+    counts as response.
     """
-    prompt = record.prompt()
+    if fmt is not None and isinstance(record, InstructionRecord):
+        prompt, full = fmt.training_texts(record.instruction, record.input, record.output)
+    else:
+        prompt = record.prompt()
+        full = prompt + record.response()
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    ids = tokenizer.encode(prompt + record.response(), bos=True, eos=True)
+    ids = tokenizer.encode(full, bos=True, eos=False)
+    if not ids or ids[-1] not in tokenizer.stop_ids:
+        ids.append(tokenizer.eos_id)
     start = 0
     while start < min(len(prompt_ids), len(ids) - 1) and prompt_ids[start] == ids[start]:
         start += 1
     return Example(torch.tensor(ids, dtype=torch.long), start, record.image)
 
 
-def encode_records(records: Sequence[TrainingRecord], tokenizer: Tokenizer, max_seq_len: int) -> Encoded:
+def encode_records(
+    records: Sequence[TrainingRecord], tokenizer: TextTokenizer, max_seq_len: int, fmt: PromptFormat | None = None
+) -> Encoded:
     examples, truncated, dropped = [], 0, 0
     for record in records:
-        ex = encode_record(record, tokenizer)
+        ex = encode_record(record, tokenizer, fmt)
         if len(ex.ids) > max_seq_len:
             truncated += 1
             if ex.response_start >= max_seq_len:

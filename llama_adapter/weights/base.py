@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..inputs.hf_tokenizer import HFTokenizer, SpecialTokens
+from ..inputs.tokenizer import TextTokenizer, Tokenizer
 
 
 def _convert(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
@@ -92,16 +94,22 @@ def hf_to_meta_name(name: str) -> str | None:
 
 
 def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
-    """Undo HF's per-head row permutation of q_proj/k_proj (rotate-half RoPE -> Meta's interleaved)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Undo HF's per-head row permutation of q_proj/k_proj (rotate-half RoPE -> Meta's interleaved); a bias [rows] too."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Meta's interleaved q/k rows -> HF's rotate-half order (the inverse of ``unpermute_qk``)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def hf_to_meta_tensor(meta_name: str, t: Tensor, args: ModelConfig) -> Tensor:
-    """An HF tensor in Meta's layout: q/k rows go back to interleaved RoPE order, the rest is as is."""
-    if meta_name.endswith("attention.wq.weight"):
+    """An HF tensor in Meta's layout: q/k rows (and biases) go back to interleaved RoPE order, the rest is as is."""
+    if meta_name.startswith("layers.") and ".attention.wq." in meta_name:
         return unpermute_qk(t, args.n_heads)
-    if meta_name.endswith("attention.wk.weight"):
+    if meta_name.startswith("layers.") and ".attention.wk." in meta_name:
         return unpermute_qk(t, args.kv_heads)
     return t
 
@@ -135,8 +143,8 @@ def read_hf_checkpoint(directory: Path, args: ModelConfig, dtype: torch.dtype | 
                 meta = hf_to_meta_name(name)
                 if meta is not None:
                     state[meta] = _convert(hf_to_meta_tensor(meta, f.get_tensor(name), args), dtype, device)
-    if "output.weight" not in state and args.tie_word_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
+    if args.tie_word_embeddings:  # the head is the embedding (model/build.py ties them); a stored copy is not used
+        state.pop("output.weight", None)
     return state
 
 
@@ -144,11 +152,84 @@ def read_hf_checkpoint(directory: Path, args: ModelConfig, dtype: torch.dtype | 
 
 
 def find_tokenizer(base_dir: Path) -> Path:
+    """LLaMA-1/2's sentencepiece ``tokenizer.model``, else a Hugging Face ``tokenizer.json`` (Llama 3 and others)."""
     # Meta's original release keeps tokenizer.model beside the 7B/ directory.
-    for candidate in (base_dir / "tokenizer.model", base_dir.parent / "tokenizer.model"):
+    for candidate in (base_dir / "tokenizer.model", base_dir.parent / "tokenizer.model", base_dir / "tokenizer.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no tokenizer.model in {base_dir} (or its parent directory)")
+    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {base_dir} (nor tokenizer.model in its parent directory)")
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or a dict with its ``content``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: object) -> list[int]:
+    """``eos_token_id`` as configs write it: an int, a list of ints, or null."""
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+def read_special_tokens(base_dir: Path) -> SpecialTokens:
+    """BOS/EOS/pad from ``tokenizer_config.json`` (or ``special_tokens_map.json``); every EOS id that
+    ``generation_config.json`` and ``config.json`` name (Llama-3-Instruct ends turns with ``<|eot_id|>``)."""
+    tok = _json(base_dir / "special_tokens_map.json") | _json(base_dir / "tokenizer_config.json")
+    gen, cfg = _json(base_dir / "generation_config.json"), _json(base_dir / "config.json")
+    eos_ids = list(dict.fromkeys(_ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))))
+    bos_ids = _ids(gen.get("bos_token_id")) or _ids(cfg.get("bos_token_id"))
+    add_bos = tok.get("add_bos_token")
+    return SpecialTokens(
+        bos=_token_text(tok.get("bos_token")),
+        eos=_token_text(tok.get("eos_token")),
+        pad=_token_text(tok.get("pad_token")),
+        add_bos=add_bos if isinstance(add_bos, bool) else None,
+        bos_id=bos_ids[0] if bos_ids else None,
+        eos_ids=tuple(eos_ids),
+    )
+
+
+def open_tokenizer(base_dir: Path) -> TextTokenizer:
+    """The base's tokenizer, with every end-of-turn id its configs name among its stop ids, and its chat template."""
+    path = find_tokenizer(base_dir)
+    special = read_special_tokens(base_dir)
+    tokenizer: TextTokenizer
+    if path.suffix == ".json":
+        tokenizer = HFTokenizer(path, special)
+    else:
+        try:
+            tokenizer = Tokenizer(path)
+            tokenizer.stop_ids |= {i for i in special.eos_ids if 0 <= i < tokenizer.n_words}
+        except ValueError:
+            if not (base_dir / "tokenizer.json").is_file():
+                raise
+            tokenizer = HFTokenizer(base_dir / "tokenizer.json", special)  # e.g. a tiktoken tokenizer.model beside it
+    tokenizer.chat_template = read_chat_template(base_dir)
+    return tokenizer
+
+
+def read_chat_template(base_dir: Path) -> str | None:
+    """The base's own chat template (jinja): ``chat_template.jinja``, or ``chat_template`` in tokenizer_config.json."""
+    jinja = base_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = _json(base_dir / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def read_model_config(base_dir: Path, vocab_size: int, max_seq_len: int | None) -> ModelConfig:

@@ -64,8 +64,19 @@ OFFICIAL_ADAPTERS: dict[str, Release] = {
 }
 
 ADAPTER_FILENAME = "adapter.safetensors"  # what our training writes; the file looked for in an adapter repo
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a peft adapter directory or repo
 _BASE_PATTERNS = {
-    "hf": ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "generation_config.json"],
+    "hf": [
+        "config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ],
     "meta": ["params.json", "consolidated.*.pth", "tokenizer.model"],
 }
 _REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>.+))?$")
@@ -112,14 +123,17 @@ def resolve_base(name: str | Path) -> Path:
 
 
 def resolve_adapter(name: str | Path) -> Path:
-    """A single adapter file: local path, official release name, or Hub repo id / file in a repo."""
+    """A single adapter file (local path, official release name, or Hub repo id / file in a repo), or a peft
+    adapter directory (local, or the snapshot of a Hub repo holding ``adapter_config.json``)."""
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():
             candidate = path / ADAPTER_FILENAME
-            if not candidate.is_file():
-                raise ResolveError(f"adapter directory {path} has no {ADAPTER_FILENAME}")
-            return candidate
+            if candidate.is_file():
+                return candidate
+            if (path / PEFT_CONFIG).is_file():  # a peft adapter directory: read as a whole
+                return path
+            raise ResolveError(f"adapter directory {path} has neither {ADAPTER_FILENAME} nor a peft {PEFT_CONFIG}")
         return path
     if str(name) in OFFICIAL_ADAPTERS:
         return download(OFFICIAL_ADAPTERS[str(name)])
@@ -127,7 +141,17 @@ def resolve_adapter(name: str | Path) -> Path:
     if spec is None:
         known = ", ".join(OFFICIAL_ADAPTERS)
         raise ResolveError(f"adapter {name!r} is not a file, an official name ({known}), or a Hugging Face repo id")
-    return _hub_file(spec.repo_id, spec.filename or ADAPTER_FILENAME, spec.revision)
+    if spec.filename is not None:
+        return _hub_file(spec.repo_id, spec.filename, spec.revision)
+    try:
+        return _hub_file(spec.repo_id, ADAPTER_FILENAME, spec.revision)
+    except ResolveError as ours:
+        try:  # a peft adapter repo: its two files, read as a directory
+            config = _hub_file(spec.repo_id, PEFT_CONFIG, spec.revision)
+            _hub_file(spec.repo_id, PEFT_WEIGHTS, spec.revision)
+        except ResolveError:
+            raise ours from None
+        return config.parent
 
 
 def _not_cached_message(what: str, source: str, offline: bool) -> str:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
 
+from .text import sanitize
+
 
 class Tokenizer:
     def __init__(self, model_path: str | Path) -> None:
@@ -25,7 +27,8 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids: list[int] = self.sp.encode(text)
+        """Token ids; lone surrogates (not Unicode, which sentencepiece cannot take) are encoded as U+FFFD."""
+        ids: list[int] = self.sp.encode(sanitize(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:

@@ -336,10 +336,13 @@ def build_demo(models: Models) -> gr.Blocks:
     chat_pipe = models.chat
     limit = chat_pipe.max_seq_len
 
-    def add_user_message(message: str, session: ChatSession) -> tuple[str, list[dict[str, Any]]]:
+    def check_new_message(message: str) -> None:
         if not message or not message.strip():
             raise user_error("The message is empty: type a question or an instruction first.")
         check_message(message, limit)
+
+    def add_user_message(message: str, session: ChatSession) -> tuple[str, list[dict[str, Any]]]:
+        check_new_message(message)
         history = [*session.history, {"role": "user", "content": message}]
         session.commit(session.epoch, history)
         return "", history
@@ -505,9 +508,11 @@ def build_demo(models: Models) -> gr.Blocks:
 
         session = gr.State(ChatSession())
         submit_events = [
-            trigger(add_user_message, [message, session], [message, chatbot], queue=False, api_visibility="private").success(
-                respond_stream, [session, *settings], [chatbot], api_visibility="private", **model_event
-            )
+            # The check is queued (outside the model's group, no limit), as Gradio shows no error message of a
+            # queue=False step, and has no outputs, so that no "Error" label covers the conversation.
+            trigger(check_new_message, [message], None, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+            .success(add_user_message, [message, session], [message, chatbot], queue=False, api_visibility="private")
+            .success(respond_stream, [session, *settings], [chatbot], api_visibility="private", **model_event)
             for trigger in (message.submit, send.click)
         ]
         retry_event = chatbot.retry(drop_last_reply, [session], [chatbot], queue=False, api_visibility="private").then(

@@ -381,9 +381,12 @@ def build_demo(models: Models) -> gr.Blocks:
         session.commit(session.epoch, history[: last_user + 1])
         return session.history
 
-    def clear_chat(session: ChatSession) -> tuple[list[dict[str, Any]], str]:
+    def clear_history(session: ChatSession) -> list[dict[str, Any]]:
         session.clear()
-        return [], ""
+        return []
+
+    def clear_chat(session: ChatSession) -> tuple[list[dict[str, Any]], str]:
+        return clear_history(session), ""
 
     @gpu
     def chat_api(message: str, temperature: float, top_p: float, max_new_tokens: int, cancel: CancelToken) -> Iterator[str]:
@@ -521,7 +524,7 @@ def build_demo(models: Models) -> gr.Blocks:
         chat_events = [*submit_events, retry_event]
         stop.click(None, cancels=chat_events, api_visibility="private")
         clear.click(clear_chat, [session], [chatbot, message], cancels=chat_events, queue=False, api_visibility="private")
-        chatbot.clear(clear_chat, [session], [chatbot, message], cancels=chat_events, queue=False, api_visibility="private")
+        chatbot.clear(clear_history, [session], [chatbot], cancels=chat_events, queue=False, api_visibility="private")
 
         # The API's /chat: plain text in and out, through hidden components.
         api_message = gr.Textbox(visible=False, label="message")

@@ -156,4 +156,3 @@ def test_empty_message_shows_why(browser: object, app_server: AppServer) -> None
     page.wait_for_timeout(300)
     assert page.locator('#chatbot [data-testid="bot"]').count() == 1
     page.close()
-

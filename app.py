@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,12 +27,16 @@ import gradio as gr
 import torch
 
 import llama_adapter
+from event_cancel import per_event_cancel
 from llama_adapter import ImageError, Pipeline, PromptTruncatedWarning
-from llama_adapter.errors import USER_ERRORS, user_message
+from llama_adapter.cancel import Cancelled, CancelToken
+from llama_adapter.errors import USER_ERRORS, TextError, user_message
 from llama_adapter.inputs.chat_template import CHAT_TEMPLATE_CHOICES, AlpacaFormat, PromptFormat, prompt_format
 from llama_adapter.inputs.images import load_image
 from llama_adapter.inputs.prompts import CAPTION_INSTRUCTION, fit_chat, format_prompt
+from llama_adapter.inputs.text import check_length, check_text
 from llama_adapter.options import DTYPE_CHOICES, QUANTIZE_MODES, SAMPLING, one_of, parse_adapter_shape
+from llama_adapter.serve.threaded import iterate_in_thread
 from llama_adapter.tiny import load_tiny, load_tiny_captioner
 
 # The public LLaMA-7B (Hugging Face layout, safetensors) and the official instruction adapter.
@@ -42,6 +47,7 @@ DEFAULT_CAPTION_ADAPTER = "CAPTION-7B"  # the official V2 captioning model (CLIP
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_GROUP = "model"  # the concurrency group of every event that runs the model: one generation at a time
 QUEUE_SIZE = 64
+UPLOAD_CACHE = (600, 3600)  # (every, older than) in seconds: Gradio's delete_cache for uploaded files
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 CHAT_EXAMPLES = [
@@ -254,15 +260,28 @@ _request_ids = itertools.count(1)
 
 
 def stream_text(
-    pipe: Pipeline, prompt: str, kind: str, temperature: float, top_p: float, max_new_tokens: int, image: Any = None
+    pipe: Pipeline,
+    prompt: str,
+    kind: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    cancel: CancelToken,
+    started: float,
+    image: Any = None,
 ) -> Iterator[str]:
-    """The growing reply.  However the loop ends (done, Stop, a client cancel), the model's stream is
-    closed, which stops the computation, and one log line records why it ended and after how many tokens."""
+    """The growing reply.  However the job ends (done, Stop, a client cancel), the model's work stops at
+    its next step and one log line records why, after how many tokens and how long the job (from
+    ``started``, preprocessing included) really ran."""
     rid = next(_request_ids)
+    reason = "cancelled"  # unless the loop runs to its end
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)  # said to the user below, in our words
-            stream = pipe.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, image=image)
+            stream = pipe.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, image=image, cancel=cancel)
+    except Cancelled:
+        log.info("%s #%d: cancelled after 0 tokens in %.2fs", kind, rid, time.monotonic() - started)
+        return
     except ValueError as e:
         raise user_error(str(e)) from None
     if stream.truncated_tokens:
@@ -271,19 +290,21 @@ def stream_text(
             f"{stream.truncated_tokens} tokens were dropped. Shorten it for a complete answer."
         )
     log.info("%s #%d: started, prompt %d tokens", kind, rid, len(stream.prompt_ids))
-    start, text, reason = time.monotonic(), "", "cancelled"  # unless the loop runs to its end
+    text = ""
     try:
         for delta in stream:
             text += delta
             yield text
         reason = stream.finish_reason or "done"
+    except Cancelled:
+        pass
     except Exception:  # a bug, not bad input: keep the details in the server log, tell the user plainly
         reason = "failed"
         log.exception("%s #%d: failed", kind, rid)
         raise user_error("Generation failed on the server (the details are in its log). Try again or change the settings.") from None
     finally:
         stream.close()
-        log.info("%s #%d: %s after %d tokens in %.2fs", kind, rid, reason, len(stream.generated_ids), time.monotonic() - start)
+        log.info("%s #%d: %s after %d tokens in %.2fs", kind, rid, reason, len(stream.generated_ids), time.monotonic() - started)
 
 
 # ---------------------------------------------------------------- the page
@@ -306,21 +327,68 @@ def model_panel(models: Models) -> str:
     return f"<table class='model-table'>{cells}</table>"
 
 
+class ChatSession:
+    """The conversation the model sees, kept on the server for each browser tab.
+
+    The page shows it, but the page's copy can be overtaken: after Clear, an update that the cancelled
+    reply had already sent may still paint the old turns.  So the next message is built on this
+    history, never on the page's; Clear empties it and starts a new epoch, and a reply streaming for an
+    older epoch writes nothing here.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ChatSession:
+        return ChatSession()  # gr.State copies its default for each tab: each starts empty, with its own lock
+
+    def clear(self) -> None:
+        with self._lock:
+            self.history, self.epoch = [], self.epoch + 1
+
+    def commit(self, epoch: int, history: list[dict[str, Any]]) -> bool:
+        """Record ``history`` unless the conversation was cleared since ``epoch``; whether it was recorded."""
+        with self._lock:
+            if epoch != self.epoch:
+                return False
+            self.history = history
+            return True
+
+
+def check_message(text: str, limit: int, what: str = "The message") -> None:
+    """Refuse, with a message for the user, text that is not Unicode or far too long (before any tokenising)."""
+    try:
+        check_text(text, what)
+        check_length(text, limit, what)
+    except TextError as e:
+        raise user_error(str(e)) from None
+
+
 def build_demo(models: Models) -> gr.Blocks:
     chat_pipe = models.chat
     limit = chat_pipe.max_seq_len
     chat_format = models.chat_format
 
-    def add_user_message(message: str, history: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    def check_new_message(message: str) -> None:
         if not message or not message.strip():
             raise user_error("The message is empty: type a question or an instruction first.")
-        return "", [*history, {"role": "user", "content": message}]
+        check_message(message, limit)
+
+    def add_user_message(message: str, session: ChatSession) -> tuple[str, list[dict[str, Any]]]:
+        check_new_message(message)
+        history = [*session.history, {"role": "user", "content": message}]
+        session.commit(session.epoch, history)
+        return "", history
 
     @gpu
     def respond(
-        history: list[dict[str, Any]], temperature: float, top_p: float, max_new_tokens: int, system: str = ""
+        session: ChatSession, temperature: float, top_p: float, max_new_tokens: int, system: str, cancel: CancelToken
     ) -> Iterator[list[dict[str, Any]]]:
+        started = time.monotonic()
         n = int(max_new_tokens)  # the sliders have checked the ranges
+        epoch, history = session.epoch, session.history
         turns = chat_turns(history)
         if not turns:
             raise user_error("There is no message to answer: type one first.")
@@ -338,29 +406,58 @@ def build_demo(models: Models) -> gr.Blocks:
                 f"The conversation no longer fits in the model's {limit}-token context: it does not see the oldest "
                 f"{prompt.dropped_turns} turn(s). Clear the chat to start afresh."
             )
-        for text in stream_text(chat_pipe, prompt.text, "chat", temperature, top_p, n):
-            yield [*history, {"role": "assistant", "content": text}]
+        for text in stream_text(chat_pipe, prompt.text, "chat", temperature, top_p, n, cancel, started):
+            update = [*history, {"role": "assistant", "content": text}]
+            if not session.commit(epoch, update):
+                return  # cleared meanwhile: the page must not get this conversation back
+            yield update
 
-    def drop_last_reply(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def respond_stream(session: ChatSession, temperature: float, top_p: float, max_new_tokens: int, system: str):
+        async for update in iterate_in_thread(lambda cancel: respond(session, temperature, top_p, max_new_tokens, system, cancel)):
+            yield update
+
+    def drop_last_reply(session: ChatSession) -> list[dict[str, Any]]:
         """For retry: everything up to and including the last user message."""
+        history = session.history
         last_user = max((i for i, m in enumerate(history) if m.get("role") == "user"), default=-1)
-        return history[: last_user + 1]
+        session.commit(session.epoch, history[: last_user + 1])
+        return session.history
+
+    def clear_history(session: ChatSession) -> list[dict[str, Any]]:
+        session.clear()
+        return []
+
+    def clear_chat(session: ChatSession) -> tuple[list[dict[str, Any]], str]:
+        return clear_history(session), ""
 
     @gpu
-    def chat_api(message: str, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+    def chat_api(message: str, temperature: float, top_p: float, max_new_tokens: int, cancel: CancelToken) -> Iterator[str]:
         """One instruction in, the streamed reply out (no history: each call stands alone)."""
+        started = time.monotonic()
         if not message or not message.strip():
             raise user_error("The message is empty: send a question or an instruction.")
-        prompt = chat_format.instruction(message, "", models.system_prompt or None)
-        yield from stream_text(chat_pipe, prompt, "chat", temperature, top_p, int(max_new_tokens))
+        check_message(message, limit)
+        prompt = chat_format.instruction(message, None, models.system_prompt or None)
+        yield from stream_text(chat_pipe, prompt, "chat", temperature, top_p, int(max_new_tokens), cancel, started)
+
+    async def chat_stream(message: str, temperature: float, top_p: float, max_new_tokens: int):
+        # Runs with preprocess=False: Gradio's own range checks print a traceback per bad request; ours do not.
+        message = message if isinstance(message, str) else ""
+        temperature, top_p, max_new_tokens = checked_settings((temperature, top_p, max_new_tokens))
+        async for text in iterate_in_thread(lambda cancel: chat_api(message, temperature, top_p, max_new_tokens, cancel)):
+            yield text
 
     @gpu
-    def caption(image: dict[str, Any] | None, prompt: str, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+    def caption(
+        image: dict[str, Any] | None, prompt: str, temperature: float, top_p: float, max_new_tokens: int, cancel: CancelToken
+    ) -> Iterator[str]:
         # Runs with preprocess=False: the upload arrives as Gradio's file dict, so a bad file gets our message.
+        started = time.monotonic()
         if not image or not image.get("path"):
             raise user_error("No image: upload an image (or pick an example) first.")
         try:
-            picture = load_image(image["path"])
+            # Named as the user knows it: the server's upload path means nothing to them.
+            picture = load_image(image["path"], name=image.get("orig_name") or Path(image["path"]).name)
         except ImageError as e:
             raise user_error(str(e)) from None
         if models.caption is None:
@@ -368,10 +465,20 @@ def build_demo(models: Models) -> gr.Blocks:
         if not prompt or not prompt.strip():
             gr.Warning("The prompt is empty: using the default caption prompt.")
             prompt = CAPTION_INSTRUCTION
-        yield from stream_text(models.caption, format_prompt(prompt), "caption", temperature, top_p, int(max_new_tokens), image=picture)
+        check_message(prompt, limit, "The prompt")
+        yield from stream_text(
+            models.caption, format_prompt(prompt), "caption", temperature, top_p, int(max_new_tokens), cancel, started, image=picture
+        )
+
+    async def caption_stream(image: dict[str, Any] | None, prompt: str, temperature: float, top_p: float, max_new_tokens: int):
+        prompt = prompt if isinstance(prompt, str) else ""
+        temperature, top_p, max_new_tokens = checked_settings((temperature, top_p, max_new_tokens))
+        async for text in iterate_in_thread(lambda cancel: caption(image, prompt, temperature, top_p, max_new_tokens, cancel)):
+            yield text
 
     model_event = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-    with gr.Blocks(title="LLaMA-Adapter", fill_width=False) as demo:
+    # Uploads are deleted an hour after they arrive, so Gradio's cache cannot grow without bound.
+    with gr.Blocks(title="LLaMA-Adapter", fill_width=False, delete_cache=UPLOAD_CACHE) as demo:
         gr.HTML(
             "<header class='app-header'><h1>LLaMA-Adapter</h1>"
             "<p>A frozen LLaMA that follows instructions through a small zero-init attention adapter "
@@ -439,27 +546,43 @@ def build_demo(models: Models) -> gr.Blocks:
                     gr.HTML(model_panel(models), elem_id="model-panel")
 
         settings = [temperature, top_p, max_new_tokens]
+
+        def checked_settings(values: tuple[Any, ...]) -> list[Any]:
+            """The sliders' own range checks, as a message for the user (and no traceback in the server log)."""
+            checked = []
+            for slider, value in zip(settings, values, strict=True):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise user_error(f"{slider.label}: {value!r} is not a number")
+                try:
+                    checked.append(slider.preprocess(value))
+                except gr.Error as e:
+                    raise user_error(f"{slider.label}: {e.message}") from None
+            return checked
+
+        session = gr.State(ChatSession())
         submit_events = [
-            trigger(add_user_message, [message, chatbot], [message, chatbot], queue=False, api_visibility="private").success(
-                respond, [chatbot, *settings, system], [chatbot], api_visibility="private", **model_event
-            )
+            # The check is queued (outside the model's group, no limit), as Gradio shows no error message of a
+            # queue=False step, and has no outputs, so that no "Error" label covers the conversation.
+            trigger(check_new_message, [message], None, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+            .success(add_user_message, [message, session], [message, chatbot], queue=False, api_visibility="private")
+            .success(respond_stream, [session, *settings, system], [chatbot], api_visibility="private", **model_event)
             for trigger in (message.submit, send.click)
         ]
-        retry_event = chatbot.retry(drop_last_reply, [chatbot], [chatbot], queue=False, api_visibility="private").then(
-            respond, [chatbot, *settings, system], [chatbot], api_visibility="private", **model_event
+        retry_event = chatbot.retry(drop_last_reply, [session], [chatbot], queue=False, api_visibility="private").then(
+            respond_stream, [session, *settings, system], [chatbot], api_visibility="private", **model_event
         )
         chat_events = [*submit_events, retry_event]
         stop.click(None, cancels=chat_events, api_visibility="private")
-        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=chat_events, queue=False, api_visibility="private")
-        chatbot.clear(None, cancels=chat_events, api_visibility="private")
+        clear.click(clear_chat, [session], [chatbot, message], cancels=chat_events, queue=False, api_visibility="private")
+        chatbot.clear(clear_history, [session], [chatbot], cancels=chat_events, queue=False, api_visibility="private")
 
         # The API's /chat: plain text in and out, through hidden components.
         api_message = gr.Textbox(visible=False, label="message")
         api_reply = gr.Textbox(visible=False, label="reply")
-        gr.Button(visible=False).click(chat_api, [api_message, *settings], [api_reply], api_name="chat", **model_event)
+        gr.Button(visible=False).click(chat_stream, [api_message, *settings], [api_reply], api_name="chat", preprocess=False, **model_event)
 
         caption_event = caption_btn.click(
-            caption, [image, caption_prompt, *settings], [caption_out], api_name="caption", preprocess=False, **model_event
+            caption_stream, [image, caption_prompt, *settings], [caption_out], api_name="caption", preprocess=False, **model_event
         )
         caption_stop.click(None, cancels=[caption_event], api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
@@ -494,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_paths=[str(ASSETS)],
         max_file_size="25mb",
         footer_links=["api", "gradio"],
+        app_kwargs=per_event_cancel(),
     )
     return 0
 

@@ -21,6 +21,38 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 # RoPE frequency scalings that are a fixed table (transformers' names); "dynamic" is exact up to the original context.
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
+# Sane ranges for a model's shape, checked before anything is allocated (a config saying n_layers: 1e9
+# would otherwise hang building the model).  Far above any LLaMA: 405B has 126 layers, dim 16384.
+_MODEL_LIMITS: dict[str, tuple[type, float, float]] = {
+    "dim": (int, 2, 65536),
+    "n_layers": (int, 1, 1024),
+    "n_heads": (int, 1, 4096),
+    "n_kv_heads": (int, 1, 4096),
+    "vocab_size": (int, 1, 2**22),
+    "multiple_of": (int, 1, 2**16),
+    "ffn_dim_multiplier": (float, 1e-3, 64),
+    "hidden_dim": (int, 1, 2**20),
+    "norm_eps": (float, 1e-12, 1.0),
+    "rope_theta": (float, 1.0, 1e12),
+    "max_seq_len": (int, 1, 2**20),
+}
+
+
+def _check_numbers(config: object, limits: dict[str, tuple[type, float, float]]) -> None:
+    """Each field is a number of the right kind within its range (None where the field is optional)."""
+    for name, (kind, low, high) in limits.items():
+        value = getattr(config, name)
+        if value is None and name in ("n_kv_heads", "ffn_dim_multiplier", "hidden_dim"):
+            continue
+        if isinstance(value, float) and kind is int and value.is_integer():
+            value = int(value)  # 4096.0 from a JSON writer is 4096
+            setattr(config, name, value)
+        ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type:
+            raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}")
+        if not low <= value <= high:  # NaN fails too
+            raise ValueError(f"{name} {value} is out of range: expected {low:g} to {high:g}")
+
 
 @dataclass
 class ModelConfig:
@@ -49,6 +81,9 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        _check_numbers(self, _MODEL_LIMITS)
+        if self.n_kv_heads is not None and self.n_kv_heads > self.n_heads:
+            raise ValueError(f"n_kv_heads {self.n_kv_heads} is more than n_heads {self.n_heads}")
         if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -81,7 +116,7 @@ class ModelConfig:
     @classmethod
     def from_params_json(cls, path: str | Path, tokenizer_vocab: int | None = None, **overrides: Any) -> ModelConfig:
         """Meta ``params.json``; its ``vocab_size`` of -1 (LLaMA-1) means the tokenizer's size."""
-        params = json.loads(Path(path).read_text())
+        params = _read_json_object(path)
         known = {f for f in cls.__dataclass_fields__}
         if params.get("use_scaled_rope"):
             raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
@@ -90,16 +125,20 @@ class ModelConfig:
             raise ValueError(f"{path}: unsupported params {sorted(unknown)}")
         params.setdefault("norm_eps", META_NORM_EPS)
         params.update(overrides)
-        if params.get("vocab_size", -1) <= 0:
+        vocab = params.get("vocab_size", -1)
+        if isinstance(vocab, (int, float)) and not isinstance(vocab, bool) and vocab <= 0:
             if tokenizer_vocab is None:
                 raise ValueError(f"{path}: vocab_size is {params.get('vocab_size')}; pass the tokenizer's size")
             params["vocab_size"] = tokenizer_vocab
-        return cls(**{k: v for k, v in params.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in params.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         """A transformers ``LlamaConfig`` (Llama 1/2/3, TinyLlama, SmolLM, ...), old or new (``rope_parameters``) style."""
-        cfg = json.loads(Path(path).read_text())
+        cfg = _read_json_object(path)
         model_type = cfg.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             supported = ", ".join(map(repr, SUPPORTED_MODEL_TYPES))
@@ -107,6 +146,11 @@ class ModelConfig:
                 f"{path}: model_type {model_type!r} is not supported; this package runs the LLaMA architecture "
                 f"(model_type {supported}: Llama 1/2/3, TinyLlama, SmolLM and other LlamaForCausalLM checkpoints)"
             )
+        missing = [
+            k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size") if k not in cfg
+        ]
+        if missing:
+            raise ValueError(f"{path}: lacks {', '.join(missing)}; is it a Llama config.json?")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses silu)")
         if cfg.get("pretraining_tp", 1) != 1:
@@ -141,7 +185,13 @@ class ModelConfig:
                 f"pass max_seq_len <= {max_seq_len}"
             )
         args.update(overrides)
-        return cls(**args)
+        try:
+            config = cls(**args)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if cfg.get("head_dim", config.head_dim) != config.head_dim:
+            raise ValueError(f"{path}: head_dim other than hidden_size / num_attention_heads is not supported")
+        return config
 
     def summary(self) -> dict[str, int]:
         """The dims an adapter depends on (stored in adapter metadata and checked on load)."""
@@ -165,6 +215,16 @@ def rope_parameters(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: {kind} RoPE scaling lacks {', '.join(missing)}")
     return params
+
+
+def _read_json_object(path: str | Path) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or copy it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 # The name this class had before 0.2 (kept for one release).

@@ -24,6 +24,10 @@ class ImageError(LlamaAdapterError, ValueError):
     """An image could not be read or used; the message says which and what to do."""
 
 
+class TextError(LlamaAdapterError, ValueError):
+    """Text that cannot be tokenised: not valid Unicode, or far too long for the model."""
+
+
 class DataError(LlamaAdapterError, ValueError):
     """A dataset file cannot be used; the message lists every bad record."""
 

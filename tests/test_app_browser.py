@@ -106,3 +106,53 @@ def test_phone_width_screenshots(browser: object, app_server: AppServer) -> None
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     page.screenshot(path=ARTIFACTS / "caption-phone.png", full_page=True)
     page.close()
+
+
+PROMPT_TOKENS = re.compile(r"chat #(\d+): started, prompt (\d+) tokens")
+
+
+def send(page: object, text: str) -> None:
+    page.fill("#chat-input textarea", text)  # type: ignore[attr-defined]
+    page.press("#chat-input textarea", "Enter")  # type: ignore[attr-defined]
+
+
+def test_clear_wins_over_a_streaming_reply(browser: object, app_server: AppServer) -> None:
+    """Clear mid-stream: the next message is sent with no old turns, and the page then shows only it."""
+    page = open_app(browser, app_server.url, DESKTOP)
+    question = "Tell me about alpacas."
+    offset = len(app_server.log())
+    send(page, question)
+    fresh_prompt = int(wait_for_log(app_server, offset, PROMPT_TOKENS).group(2))  # a one-turn conversation
+    wait_for_log(app_server, offset, FINISHED)
+    for _ in range(3):  # the race was lost 3 times in 5
+        page.click("#chat-clear")
+        offset = len(app_server.log())
+        send(page, "Write a very long story about the sea.")
+        page.wait_for_function("() => (document.querySelector('#chatbot [data-testid=\"bot\"]:last-of-type')?.innerText.length || 0) > 20")
+        page.click("#chat-clear")
+        wait_for_log(app_server, offset, FINISHED)
+        page.wait_for_timeout(300)  # a late update, if any, has arrived
+        offset = len(app_server.log())
+        send(page, question)
+        assert int(wait_for_log(app_server, offset, PROMPT_TOKENS).group(2)) == fresh_prompt, "the model still saw the old turns"
+        wait_for_log(app_server, offset, FINISHED)
+        page.wait_for_timeout(300)
+        users = page.locator('#chatbot [data-testid="user"]')
+        assert users.count() == 1 and users.inner_text().strip() == question
+    page.close()
+
+
+def test_empty_message_shows_why(browser: object, app_server: AppServer) -> None:
+    page = open_app(browser, app_server.url, DESKTOP)
+    page.press("#chat-input textarea", "Enter")
+    # Gradio's error notice (a toast) carries our text.
+    page.locator('[data-testid="toast-text"]', has_text="The message is empty: type a question").wait_for(timeout=10_000)
+    page.screenshot(path=ARTIFACTS / "empty-message.png")
+    # The page stays usable: no error state covers the conversation, and the next message is answered.
+    assert page.locator("#chatbot .error").count() == 0
+    offset = len(app_server.log())
+    send(page, "Name a color.")
+    wait_for_log(app_server, offset, FINISHED)
+    page.wait_for_timeout(300)
+    assert page.locator('#chatbot [data-testid="bot"]').count() == 1
+    page.close()

@@ -10,7 +10,6 @@ names, or the QA window) and the training arguments.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from llama_adapter.weights.files import durable_replace
 
 from .attention import GATE_ACTIVATION
 from .errors import BackboneError
@@ -61,7 +62,7 @@ def save_backbone_adapter(path: str | Path, tensors: dict[str, Tensor], info: Ad
     data = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(data, str(tmp), metadata=info.metadata())
-    os.replace(tmp, path)
+    durable_replace(tmp, path)  # fsync before the rename: never a renamed but empty file
     return path
 
 

@@ -10,7 +10,6 @@ DIR holds train/<class>/*.jpg and val/<class>/*.jpg (VTAB-1k's layout after expo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llama_adapter.commands import run_command
 from llama_adapter.train import Dist, TrainError, init_distributed
 
 from .adapter_file import AdapterInfo, load_into, read_backbone_adapter, save_backbone_adapter
 from .attention import adapter_parameters, freeze_all_but
-from .errors import BackboneError, DataError
 from .image_folder import ImageDataset, LabelledImage, checked, read_labelled_images
 from .training import CHECKPOINT, add_training_args, check_training_args, fit
 from .vit import add_vit_adapters, create_vit, eval_transform, head_parameters, vit_shape
@@ -189,22 +188,11 @@ def load_classifier(path: str | Path, model: str | None = None, device: str = "c
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except (TrainError, DataError, BackboneError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (raise --accum-steps to keep the effective batch)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with --resume (in {args.out})", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(
+        lambda: train(args),
+        out_of_memory="lower --batch-size (raise --accum-steps to keep the effective batch)",
+        interrupted=f"continue from the last checkpoint with --resume (in {args.out})",
+    )
 
 
 if __name__ == "__main__":

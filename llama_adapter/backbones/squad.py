@@ -10,7 +10,6 @@ F1 as the official SQuAD scripts compute them; v2.0 (unanswerable questions) is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llama_adapter.commands import run_command
 from llama_adapter.train import Dist, TrainError, init_distributed
 
 from .adapter_file import AdapterInfo, load_into, read_backbone_adapter, save_backbone_adapter
@@ -214,23 +214,11 @@ def load_question_answerer(path: str | Path, model: str | None = None, device: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except (TrainError, DataError, BackboneError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (raise --accum-steps to keep the effective batch) or --max-seq-len",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with --resume (in {args.out})", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(
+        lambda: train(args),
+        out_of_memory="lower --batch-size (raise --accum-steps to keep the effective batch) or --max-seq-len",
+        interrupted=f"continue from the last checkpoint with --resume (in {args.out})",
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -23,6 +22,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from llama_adapter.train import Dist, Metrics, Position, TrainError, lr_factor, make_optimizer, sum_across_ranks
+from llama_adapter.train.state import rng_state, write_checkpoint
+from llama_adapter.weights.files import torch_load
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
@@ -120,17 +121,15 @@ def save_checkpoint(path: Path, params: dict[str, Tensor], optimizer, scheduler,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         # Dropout in the frozen backbone draws from these; the data order does not (seeded per epoch).
-        "rng": {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        "rng": rng_state(),
         "position": asdict(position),
         "trajectory": trajectory,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(path, state)
 
 
 def restore(path: Path, trajectory: dict, params: dict[str, nn.Parameter], optimizer, scheduler) -> Position:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path)  # a truncated or foreign file: CheckpointError naming it
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path} is not a checkpoint of this trainer; use another --out directory")
     before = state["trajectory"]

@@ -13,9 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 import llama_adapter
+from llama_adapter.commands import run_command
 
 from . import coco_caption, instructions, scienceqa
 from .runner import EvalError, Example, Generation, PredictionFile, check_images, digest, generate_all
@@ -230,18 +229,11 @@ def run_instructions(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run = {"scienceqa": run_scienceqa, "coco-caption": run_coco, "instructions": run_instructions}[args.task]
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print("error: out of memory; try a smaller --batch-size, --quantize int8 or a smaller --max-seq-len", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the predictions so far are in {args.out}: rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(
+        lambda: run(args),
+        out_of_memory="try a smaller --batch-size, --quantize int8 or a smaller --max-seq-len",
+        interrupted=f"the predictions so far are in {args.out}: rerun the same command to continue",
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from sentencepiece import SentencePieceProcessor
 
+from .text import sanitize
+
 
 class TextTokenizer(Protocol):
     """The interface generation and training use; both backends satisfy it.
@@ -78,8 +80,12 @@ class Tokenizer:
         return re.compile(f"({alternatives})" if pieces else r"(?!)"), pieces
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        # Control-piece strings in the text are those tokens (as transformers reads them, e.g. in Llama-2-chat
-        # prompts); each stretch of text between them is encoded on its own, as Meta's chat code does.
+        """Token ids; lone surrogates (not Unicode, which sentencepiece cannot take) are encoded as U+FFFD.
+
+        Control-piece strings in the text are those tokens (as transformers reads them, e.g. in Llama-2-chat
+        prompts); each stretch of text between them is encoded on its own, as Meta's chat code does.
+        """
+        text = sanitize(text)
         pattern, pieces = self._specials
         ids: list[int] = []
         for part in pattern.split(text) if "<" in text else [text]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ..cancel import CancelToken, check
 from ..config import ChannelOrder, VisualConfig
 from ..errors import ResolveError
 from ..inputs.images import ImageInput, load_image
@@ -213,15 +214,20 @@ class VisualEncoder(nn.Module):
             x = block(x)
         return self.visual_proj_norm(self.visual_proj(x[:, : self.query_len]))
 
-    def pixels(self, images: Sequence[ImageInput]) -> Tensor:
-        """Preprocessed images as one batch on this encoder's device and dtype."""
+    def pixels(self, images: Sequence[ImageInput], cancel: CancelToken | None = None) -> Tensor:
+        """Preprocessed images as one batch on this encoder's device and dtype (``cancel`` checked between images)."""
         weight = self.clip_proj.weight
-        return torch.stack([self.transform(image) for image in images]).to(device=weight.device, dtype=weight.dtype)
+        batch = []
+        for image in images:
+            check(cancel)
+            batch.append(self.transform(image))
+        check(cancel)
+        return torch.stack(batch).to(device=weight.device, dtype=weight.dtype)
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[ImageInput]) -> Tensor:
+    def encode(self, images: Sequence[ImageInput], cancel: CancelToken | None = None) -> Tensor:
         """Visual prompts [len(images), query_len, D]."""
-        return self(self.pixels(images))
+        return self(self.pixels(images, cancel))
 
 
 def build_visual(cfg: VisualConfig, query_len: int, dim: int, clip: ClipSpec | None, fresh: bool) -> VisualEncoder:

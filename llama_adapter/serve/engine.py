@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..cancel import CancelToken, check
 from ..config import ModelConfig
 from ..model.llama import AdapterKV, CacheStep, KVCache, Transformer
 
@@ -148,11 +149,13 @@ class Decoder:
         top_p: float,
         generator: torch.Generator | None,
         visual_prompt: Tensor | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[list[int]]:
         """Yields the next token of every row, up to ``max_new_tokens`` times or the context limit.
 
         Prompts are left-padded: each row keeps its true RoPE positions and masks its pad keys.
-        Closing the iterator stops the work.
+        Closing the iterator stops the work; so does ``cancel``, checked before prefill and before
+        every decode step (``Cancelled`` is raised), for a caller on another thread.
         """
         model = self.model
         device = model.rope_cos.device
@@ -165,6 +168,7 @@ class Decoder:
         tokens = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
         adapter_kv: list[AdapterKV | None] = model.adapter_kv(visual_prompt)
         rows = static_rows(batch) if self._static_step is not None else batch
+        check(cancel)
         cache = self._take_cache(rows, width + n_new - 1)
         try:
             positions = (torch.arange(width, device=device)[None] - pads[:, None]).clamp(min=0)
@@ -186,6 +190,7 @@ class Decoder:
                 yield next_tokens.tolist()
                 if cur + 1 == width + n_new:
                     break
+                check(cancel)
                 logits = advance(next_tokens[:, None], cur)
         finally:
             self.cache_slot.give_back(cache)

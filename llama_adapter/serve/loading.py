@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..model.build import TIED_HEAD, build_model, meta_model
 from ..model.quantize import quantized_linear_names
 from ..model.visual import ClipSpec
-from ..options import check_quantize, default_device, default_dtype, parse_dtype
+from ..options import check_quantize, default_dtype, parse_device, parse_dtype
 from ..weights import hub
 from ..weights.adapter import AdapterShape
 from ..weights.base import open_tokenizer, read_base_state, read_model_config
@@ -37,7 +37,7 @@ def load_base(
     the first request pays the compilation.
     """
     check_quantize(quantize)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     base_dir = hub.resolve_base(base)
     tokenizer = open_tokenizer(base_dir)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..cancel import CancelToken, check
 from ..config import AdapterConfig
 from ..inputs.images import ImageInput
 from ..inputs.tokenizer import StreamDecoder, TextTokenizer
@@ -261,7 +262,9 @@ class Pipeline:
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for p in self.adapter_tensors().values())
 
-    def visual_prompt(self, image: ImageInput | Sequence[ImageInput] | None, batch: int) -> Tensor | None:
+    def visual_prompt(
+        self, image: ImageInput | Sequence[ImageInput] | None, batch: int, cancel: CancelToken | None = None
+    ) -> Tensor | None:
         """The image(s) encoded once for the request: [1 or batch, adapter_len, D], or None without an image."""
         if image is None:
             return None
@@ -270,7 +273,7 @@ class Pipeline:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if len(images) not in (1, batch):
             raise ValueError(f"got {len(images)} images for {batch} prompts: pass one image for all, or one per prompt")
-        return self.visual.encode(images)
+        return self.visual.encode(images, cancel)
 
     def _start(
         self,
@@ -280,9 +283,11 @@ class Pipeline:
         top_p: float,
         seed: int | None,
         image: ImageInput | Sequence[ImageInput] | None,
+        cancel: CancelToken | None = None,
     ) -> tuple[list[Request], Iterator[list[int]]]:
         check_sampling(max_new_tokens, temperature, top_p)
-        visual_prompt = self.visual_prompt(image, len(prompts))
+        visual_prompt = self.visual_prompt(image, len(prompts), cancel)
+        check(cancel)
         requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
         for r in requests:
             warn_truncated(r)
@@ -293,7 +298,7 @@ class Pipeline:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator, visual_prompt)
+        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator, visual_prompt, cancel)
         return requests, steps
 
     def stream(
@@ -306,16 +311,20 @@ class Pipeline:
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         image: ImageInput | None = None,
+        cancel: CancelToken | None = None,
     ) -> TextStream:
         """Stream the continuation of the raw ``prompt`` (no template applied) as text deltas.
 
         ``image`` (multimodal models): a file path, PIL image or numpy RGB array; a bad image
         raises ``ImageError`` here, before any text.
 
+        ``cancel``: a token another thread may set; the work stops at its next step (between
+        preprocessing stages, before prefill, between decode steps) with ``Cancelled``.
+
         A prompt too long for the context is truncated from the left (BOS kept) with a
         ``PromptTruncatedWarning``; ``stream.truncated_tokens`` tells how many tokens went.
         """
-        (request,), steps = self._start([prompt], max_new_tokens, temperature, top_p, seed, image)
+        (request,), steps = self._start([prompt], max_new_tokens, temperature, top_p, seed, image, cancel)
         return TextStream(self.tokenizer, request, steps, max_new_tokens, _stops(stop))
 
     def generate(

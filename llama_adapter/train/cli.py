@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..commands import run_command
 from ..config import AdapterConfig, VisualConfig
-from ..errors import USER_ERRORS, TrainError, user_message
+from ..errors import TrainError
 from ..inputs.chat_template import CHAT_TEMPLATE_CHOICES, prompt_format
 from ..model.visual import ClipSpec, clip_output_dim
 from ..options import DTYPE_CHOICES
@@ -39,7 +38,7 @@ from .distributed import Dist, init_distributed
 from .image_data import read_image_text_records
 from .loss import Run, accumulate, evaluate
 from .optim import lr_factor, make_optimizer
-from .state import Metrics, Position, load_checkpoint, restore, save_checkpoint
+from .state import Metrics, OutputLock, Position, load_checkpoint, restore, save_checkpoint
 from .visual import ImageFeeder, copy_init_adapter, read_init_adapter
 
 CHECKPOINT = "checkpoint.pt"
@@ -109,6 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N optimizer steps")
     p.add_argument("--stop-after", type=int, help="stop with a checkpoint after N optimizer steps in all; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out that has no checkpoint")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers' activations in backward")
     args = p.parse_args(argv)
     check_multimodal_args(p, args)
@@ -249,14 +249,48 @@ def describe(world: Dist, train: Encoded, val: Encoded, run: Run, plan: LengthGr
     print(f"padding efficiency: {grouped:.1%} with length grouping (padding to {args.max_seq_len} would give {padded_to_max:.1%})")
 
 
+def check_output_dir(out: Path, args: argparse.Namespace) -> None:
+    """Before anything is loaded: ``--out`` is a directory this run may write, and holds no other run's work."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a directory: choose another --out")
+    if (out / CHECKPOINT).exists():
+        if not args.resume:
+            raise TrainError(f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out")
+        return
+    earlier = [name for name in (ADAPTER, METRICS) if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise TrainError(
+            f"{out} holds an earlier run's {' and '.join(earlier)} but no checkpoint to continue from: "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+
+
 def train(args: argparse.Namespace) -> Pipeline:
-    """Run (or resume) training as ``args`` say; returns the pipeline holding the trained adapter."""
+    """Run (or resume) training as ``args`` say; returns the pipeline holding the trained adapter.
+
+    The output directory is checked, and after the data, created and locked (one run at a time),
+    all before the model is loaded.
+    """
     world = init_distributed(args.device)
     out = Path(args.out)
+    check_output_dir(out, args)
+    records = read_data(args)
+    if not world.main:  # only the main process writes
+        return run_training(args, world, out, records)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(out).__enter__()
+    except OSError as e:
+        raise TrainError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    try:
+        return run_training(args, world, out, records)
+    finally:
+        lock.__exit__()
+
+
+def run_training(args: argparse.Namespace, world: Dist, out: Path, records: tuple[list, list]) -> Pipeline:
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not args.resume:
-        raise TrainError(f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out")
-    train_records, val_records = read_data(args)
+    train_records, val_records = records
 
     torch.manual_seed(args.seed)  # the fresh adapter's initialisation
     pipe, run = build(args, world)
@@ -379,20 +413,9 @@ def train(args: argparse.Namespace) -> Pipeline:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except USER_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (raise --accum-steps to keep the effective batch), "
-              "lower --max-seq-len, or add --grad-checkpointing", file=sys.stderr)  # fmt: skip
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with --resume (in {args.out})", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(
+        lambda: train(args),
+        out_of_memory="lower --batch-size (raise --accum-steps to keep the effective batch), lower --max-seq-len, "
+        "or add --grad-checkpointing",
+        interrupted=f"continue from the last checkpoint with --resume (in {args.out})",
+    )

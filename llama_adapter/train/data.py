@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import DataError
 from ..inputs.chat_template import PromptFormat
 from ..inputs.prompts import format_prompt
+from ..inputs.text import invalid_unicode_at
 from ..inputs.tokenizer import TextTokenizer
 
 IGNORE_INDEX = -100  # target value that the loss skips (F.cross_entropy's default ignore_index)
@@ -71,6 +72,8 @@ def string_field(obj: dict, name: str, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise RecordError(f"field {name!r} must be a string, not {type(value).__name__}")
+    if (at := invalid_unicode_at(value)) is not None:
+        raise RecordError(f"field {name!r} is not valid Unicode: character {at + 1} is a lone surrogate; fix the text's encoding")
     return value
 
 

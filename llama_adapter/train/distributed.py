@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..options import default_device
+from ..options import parse_device
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Dist:
 def init_distributed(device: str | None) -> Dist:
     """One process, or one of torchrun's: nccl between GPUs, gloo between CPU processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    target = torch.device(device) if device else default_device()
+    target = parse_device(device or None)
     if world_size == 1:
         return Dist(0, 1, target)
     if target.type == "cuda":

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import DataError, ImageError
 from ..inputs.images import check_image_file
 from ..inputs.prompts import caption_prompt, format_chat, format_prompt
+from ..inputs.text import invalid_unicode_at
 from .data import RecordError, read_records, string_field
 
 IMAGE_TOKEN = "<image>"  # LLaVA marks where the image goes; here the image always enters through the adapter
@@ -72,6 +73,8 @@ def _image_field(obj: dict) -> Path | None:
     value = obj["image"]
     if not isinstance(value, str) or not value.strip():
         raise RecordError(f"field 'image' must be a non-empty path string, not {value!r}")
+    if invalid_unicode_at(value) is not None:
+        raise RecordError(f"field 'image' is not valid Unicode (it holds a lone surrogate): {value!r}")
     return Path(value)
 
 
@@ -89,6 +92,8 @@ def conversation_prompt(turns: object) -> tuple[str, str]:
         expected = _ROLES[i % 2]
         if turn.get("from") != expected:
             raise RecordError(f"conversation turn {i} is from {turn.get('from')!r}, expected {expected!r} (turns alternate, human first)")
+        if (at := invalid_unicode_at(turn["value"])) is not None:
+            raise RecordError(f"conversation turn {i} is not valid Unicode: character {at + 1} is a lone surrogate")
         text = turn["value"].replace(IMAGE_TOKEN, "").strip()
         if not text:
             raise RecordError(f"conversation turn {i} is empty")

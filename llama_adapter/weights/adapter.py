@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import AdapterConfig, ModelConfig, VisualConfig
 from ..errors import CheckpointError
 from ..roles import CLIP_PREFIX, Role, role_of
+from .files import durable_replace, open_safetensors, torch_load
 from .state import check_state, names
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def read_adapter(path: str | Path, *, shape: AdapterShape | None = None, n_layer
     if path.suffix == ".safetensors":
         adapter, kind = _read_own_adapter(path), "llama-adapter format"
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
         if isinstance(state.get("model"), dict):  # the official V2 loader defaults a missing 'config' to {}
@@ -233,7 +232,7 @@ def _read_official_v2(path: Path, model: object, config: object) -> AdapterFile:
 
 
 def _read_own_adapter(path: Path) -> AdapterFile:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT_NAME:
@@ -282,11 +281,21 @@ def fit_adapter(
         )
     out = {}
     for name, t in adapter.tensors.items():
+        check_values(name, t, source)
         if _GATE_RE.match(name) and t.numel() == 1:
             t = t.reshape(1, 1, 1, 1).expand(1, args.n_heads, 1, 1).clone()  # scalar gate: same for every head
         out[name] = t
     check_state(expected, out, source, optional=set(expected) - set(required))
     return out
+
+
+def check_values(name: str, t: Tensor, source: str) -> None:
+    """Adapter weights are real numbers: an integer or bool tensor, NaN or infinity is a broken file."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{source}: {name} is {str(t.dtype).removeprefix('torch.')}; adapter weights must be floating point")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{source}: {name} holds {bad:,} NaN or infinite values; the file is broken: train or download it again")
 
 
 def adapter_metadata(config: AdapterConfig, args: ModelConfig, training_args: Mapping[str, object] | None = None) -> dict[str, str]:
@@ -320,5 +329,5 @@ def save_adapter(
     data = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(data, str(tmp), metadata=adapter_metadata(config, args, training_args))
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
     return path

@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..inputs.hf_tokenizer import HFTokenizer, SpecialTokens
 from ..inputs.tokenizer import TextTokenizer, Tokenizer
+from .files import open_safetensors, torch_load
 
 
 def _convert(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
@@ -46,7 +46,7 @@ def read_meta_checkpoint(directory: Path, dtype: torch.dtype | None, device: tor
     shards = sorted(directory.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"no consolidated.*.pth files in {directory}")
-    parts = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shards]
+    parts = [torch_load(p, mmap=True) for p in shards]
     keys = list(parts[0])
     for p, part in zip(shards[1:], parts[1:], strict=True):
         if set(part) != set(keys):
@@ -138,7 +138,7 @@ def read_hf_checkpoint(directory: Path, args: ModelConfig, dtype: torch.dtype | 
     # safetensors can place tensors straight on the GPU; it reads CPU tensors through mmap.
     target = str(device)
     for path in hf_safetensors_files(directory):
-        with safe_open(str(path), framework="pt", device=target) as f:
+        with open_safetensors(path, target) as f:
             for name in f.keys():
                 meta = hf_to_meta_name(name)
                 if meta is not None:

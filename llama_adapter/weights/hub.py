@@ -109,16 +109,34 @@ def parse_repo_spec(name: str) -> RepoSpec | None:
     return RepoSpec(m.group("repo"), m.group("rev"), m.group("file"))
 
 
+MAX_SHOWN = 120  # characters of a name that a message repeats
+
+
+def _shown(name: str | Path) -> str:
+    """A name as messages quote it: at most MAX_SHOWN characters (an over-long one is cut, with its length)."""
+    text = str(name)
+    return repr(text) if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]!r}... ({len(text):,} characters)"
+
+
+def _exists(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; a name the file system cannot take (too long, NUL byte) is a ResolveError."""
+    try:
+        return path.exists()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ResolveError(f"{what} {_shown(path)} cannot be a path ({reason}) nor a repo id: check the name") from None
+
+
 def resolve_base(name: str | Path) -> Path:
     """A directory holding a Meta or HF Llama checkpoint and its tokenizer.model."""
     path = Path(name).expanduser()
-    if path.exists():
+    if _exists(path, "base model"):
         if not path.is_dir():
             raise ResolveError(f"base model {path} is a file; pass the directory that holds it")
         return path
     spec = parse_repo_spec(str(name))
     if spec is None or spec.filename is not None:
-        raise ResolveError(f"base model {name!r} is neither an existing directory nor a Hugging Face repo id (owner/name[@revision])")
+        raise ResolveError(f"base model {_shown(name)} is neither an existing directory nor a Hugging Face repo id (owner/name[@revision])")
     return _snapshot(spec)
 
 
@@ -126,7 +144,7 @@ def resolve_adapter(name: str | Path) -> Path:
     """A single adapter file (local path, official release name, or Hub repo id / file in a repo), or a peft
     adapter directory (local, or the snapshot of a Hub repo holding ``adapter_config.json``)."""
     path = Path(name).expanduser()
-    if path.exists():
+    if _exists(path, "adapter"):
         if path.is_dir():
             candidate = path / ADAPTER_FILENAME
             if candidate.is_file():
@@ -140,7 +158,7 @@ def resolve_adapter(name: str | Path) -> Path:
     spec = parse_repo_spec(str(name))
     if spec is None:
         known = ", ".join(OFFICIAL_ADAPTERS)
-        raise ResolveError(f"adapter {name!r} is not a file, an official name ({known}), or a Hugging Face repo id")
+        raise ResolveError(f"adapter {_shown(name)} is not a file, an official name ({known}), or a Hugging Face repo id")
     if spec.filename is not None:
         return _hub_file(spec.repo_id, spec.filename, spec.revision)
     try:

@@ -39,8 +39,8 @@ DEFAULT_ADAPTER = "LLaMA-Adapter-V1"
 DEFAULT_CAPTION_ADAPTER = "CAPTION-7B"  # the official V2 captioning model (CLIP ViT-L/14 through open_clip)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-MODEL_GROUP = "model"  # the concurrency group of every event that runs the model: one generation at a time
 QUEUE_SIZE = 64
+PANEL_REFRESH_S = 2.0  # how often an open page updates the batch size and queue length in the model panel
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 CHAT_EXAMPLES = [
@@ -267,9 +267,19 @@ def model_panel(models: Models) -> str:
         ("Dtype", str(chat.dtype).removeprefix("torch.")),
         ("Context", f"{chat.max_seq_len} tokens"),
         ("Trainable parameters", f"{chat.adapter_parameter_count():,} (the adapter)"),
+        *serving_rows(chat),
     ]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='model-table'>{cells}</table>"
+
+
+def serving_rows(pipe: Pipeline) -> list[tuple[str, str]]:
+    """The scheduler now: requests decoding together (the batch) and waiting for room (the queue)."""
+    s = pipe.scheduler.stats()
+    return [
+        ("Batch", f"{s['rows']} of {s['max_rows']} rows, {s['cached_tokens']:,} of {s['max_cached_tokens']:,} cached tokens"),
+        ("Queue", f"{s['queued']} waiting (at most {s['max_queue']})"),
+    ]
 
 
 def build_demo(models: Models) -> gr.Blocks:
@@ -325,7 +335,9 @@ def build_demo(models: Models) -> gr.Blocks:
             prompt = CAPTION_INSTRUCTION
         yield from stream_text(models.caption, format_prompt(prompt), "caption", temperature, top_p, int(max_new_tokens), image=picture)
 
-    model_event = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    # Concurrent requests (tabs, API clients, chat and captions alike) are batched by the model's scheduler,
+    # which bounds and queues them itself; Gradio's queue only caps how many wait for a worker.
+    model_event = {"concurrency_limit": None}
     with gr.Blocks(title="LLaMA-Adapter", fill_width=False) as demo:
         gr.HTML(
             "<header class='app-header'><h1>LLaMA-Adapter</h1>"
@@ -384,7 +396,7 @@ def build_demo(models: Models) -> gr.Blocks:
                     temperature = gr.Slider(0.0, 2.0, value=SAMPLING.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=SAMPLING.top_p, step=0.05, label="Top-p")
                 with gr.Accordion("Model", open=True):
-                    gr.HTML(model_panel(models), elem_id="model-panel")
+                    panel = gr.HTML(model_panel(models), elem_id="model-panel")
 
         settings = [temperature, top_p, max_new_tokens]
         submit_events = [
@@ -410,6 +422,8 @@ def build_demo(models: Models) -> gr.Blocks:
             caption, [image, caption_prompt, *settings], [caption_out], api_name="caption", preprocess=False, **model_event
         )
         caption_stop.click(None, cancels=[caption_event], api_visibility="private")
+        refresh = gr.Timer(PANEL_REFRESH_S)
+        refresh.tick(lambda: model_panel(models), None, [panel], queue=False, api_visibility="private", show_progress="hidden")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 

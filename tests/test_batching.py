@@ -164,17 +164,21 @@ def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(base, l
     events: list[str] = []
     real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
     monkeypatch.setattr(Scheduler, "_decode", lambda self, batch: events.append("decode") or real_decode(self, batch))
-    monkeypatch.setattr(Scheduler, "_prefill_chunk", lambda self, row: events.append(f"prefill {row.pos}") or real_prefill(self, row))
+    monkeypatch.setattr(
+        Scheduler, "_prefill_chunk", lambda self, row, size: events.append(f"prefill {row.pos} {size}") or real_prefill(self, row, size)
+    )
     limited.configure(prefill_chunk=16)
     short = base.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
     next(short)
     events.clear()
     joiner = base.stream(long_prompt, max_new_tokens=8, temperature=0)
     assert drain_in_threads([short, joiner]) == [expected_short, expected_long]
-    chunks = [i for i, e in enumerate(events) if e.startswith("prefill")]
-    n_ids = len(joiner.prompt_ids)
-    assert [events[i] for i in chunks] == [f"prefill {p}" for p in range(0, n_ids, 16)]
-    assert all(events[i + 1] == "decode" for i in chunks[:-1])  # the running stream decodes between chunks
+    chunks = [tuple(map(int, e.split()[1:])) for e in events if e.startswith("prefill")]
+    assert len(chunks) >= len(joiner.prompt_ids) / 16  # at most prefill_chunk tokens at a time
+    assert [start for start, _ in chunks] == [sum(size for _, size in chunks[:i]) for i in range(len(chunks))]
+    assert all(size <= 16 for _, size in chunks)
+    between = [i for i, e in enumerate(events) if e.startswith("prefill")]
+    assert all(events[i + 1] == "decode" for i in between[:-1])  # the running stream decodes between chunks
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
@@ -242,7 +246,7 @@ def test_bad_limits_are_refused(base) -> None:
 def test_an_error_in_the_loop_reaches_the_caller_and_the_loop_goes_on(base, monkeypatch: pytest.MonkeyPatch) -> None:
     real = Scheduler._prefill_chunk
 
-    def broken(self, row):
+    def broken(self, row, size):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Scheduler, "_prefill_chunk", broken)

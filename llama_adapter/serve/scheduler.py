@@ -6,8 +6,10 @@ runs the batch.  Each iteration it
 1. drops cancelled rows and admits queued ones, first come first served, while the row and
    cached-token limits allow;
 2. runs one decode step for every decoding row: one forward per *kind* of row (below);
-3. prefills one chunk (``prefill_chunk`` tokens) of the oldest newcomer, so that a long prompt
-   joins over several iterations while the others keep getting tokens.
+3. prefills one chunk of the oldest newcomer's prompt, so that a long prompt joins over several
+   iterations while the others keep getting tokens.  With nobody decoding a chunk is
+   ``prefill_chunk`` tokens; while others decode it is sized (from the measured prefill speed) to
+   take about as long as their decode step, so their worst gap between tokens is about two steps.
 
 Every row has its own KV cache, sized for its prompt plus its reply (so memory follows the admitted
 tokens, not rows x context), its own position, sampling settings, generator and adapter K/V.
@@ -27,6 +29,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +49,7 @@ IDLE_EXIT_S = 2.0  # the loop thread ends after this long with nothing to do; th
 # interval (5 ms) each crossing stalls the loop by up to that long (a lone tiny-model stream ran 3x
 # slower); the loop lowers the process's interval to this when it starts, and never raises it.
 SWITCH_INTERVAL_S = 1e-4
+MIN_BUSY_CHUNK = 8  # the smallest prefill chunk while others decode: smaller ones waste the matrix units
 
 
 class CapacityError(LlamaAdapterError, ValueError):
@@ -60,7 +64,7 @@ class Limits:
     max_rows: int
     max_cached_tokens: int
     max_queue: int = 64
-    prefill_chunk: int = 256
+    prefill_chunk: int = 256  # prompt tokens per prefill forward (at most; fewer while other rows decode)
 
     def check(self) -> None:
         for name in ("max_rows", "max_cached_tokens", "prefill_chunk"):
@@ -92,7 +96,7 @@ def default_limits(model: Transformer) -> Limits:
     return Limits(
         max_rows=rows,
         max_cached_tokens=int(min(max(tokens, args.max_seq_len), rows * args.max_seq_len)),
-        prefill_chunk=256 if device.type == "cuda" else 64,
+        prefill_chunk=256,
     )
 
 
@@ -235,6 +239,8 @@ class Scheduler:
         self._rows: list[Row] = []  # admitted, in admission order
         self._thread: threading.Thread | None = None
         self.steps = 0  # loop iterations that computed something (tests and stats)
+        self._prefill_rate: float | None = None  # prompt tokens per second, measured on chunks
+        self._decode_s = 0.0  # the last iteration's decode time
 
     # ------------------------------------------------------------------ callers
 
@@ -373,16 +379,30 @@ class Scheduler:
         kinds: dict[int, list[Row]] = {}
         for row in decoding:
             kinds.setdefault(id(row.kind), []).append(row)
+        start = time.perf_counter()
         for batch in kinds.values():
             for row, logits in zip(batch, self._decode(batch), strict=True):
                 row.pos += 1
                 finished += self._emit(row, logits)
+        self._decode_s = time.perf_counter() - start
         newcomer = next((r for r in rows if r.prefilling and not r.cancelled), None)
         if newcomer is not None:
-            logits = self._prefill_chunk(newcomer)
+            start = time.perf_counter()
+            size = self._chunk_size(busy=bool(decoding))
+            logits = self._prefill_chunk(newcomer, size)
+            rate = size / max(time.perf_counter() - start, 1e-6)
+            self._prefill_rate = rate if self._prefill_rate is None else (self._prefill_rate + rate) / 2
             if not newcomer.prefilling:
                 finished += self._emit(newcomer, logits)
         return finished
+
+    def _chunk_size(self, busy: bool) -> int:
+        """Prompt tokens to prefill now: ``prefill_chunk``, or while others decode, what fits in one of their steps."""
+        limit = self.limits.prefill_chunk
+        if not busy:
+            return limit
+        fit = int((self._prefill_rate or 0.0) * self._decode_s)
+        return min(limit, max(MIN_BUSY_CHUNK, 1 << (fit.bit_length() - 1) if fit else 0))
 
     def _allocate(self, row: Row) -> None:
         row.cache = KVCache(self.args, 1, row.reserve, self.dtype, self.device)
@@ -390,11 +410,11 @@ class Scheduler:
             for t in (*row.cache.k, *row.cache.v):
                 torch._dynamo.mark_static_address(t)
 
-    def _prefill_chunk(self, row: Row) -> Tensor:
+    def _prefill_chunk(self, row: Row, size: int) -> Tensor:
         if row.cache is None:
             self._allocate(row)
         assert row.cache is not None
-        chunk = row.ids[row.pos : row.pos + self.limits.prefill_chunk]
+        chunk = row.ids[row.pos : row.pos + size]
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(row.pos, row.pos + len(chunk), device=self.device)[None]
         logits = row.model.forward_cached(tokens, positions, RowsStep([row.cache], [row.pos]), row.adapter_kv)

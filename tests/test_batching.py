@@ -258,3 +258,22 @@ def test_an_error_in_the_loop_reaches_the_caller_and_the_loop_goes_on(base, monk
     while base.scheduler.stats()["rows"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert base.scheduler.stats()["rows"] == 0
+
+
+def test_image_rows_batch_with_chat_rows(batches) -> None:
+    """The tiny app models: a multimodal adapter without V2 extras shares the chat rows' forward, each image row
+    with its own visual prompt."""
+    from PIL import Image
+
+    from llama_adapter.tiny import load_tiny, load_tiny_captioner
+
+    chat = load_tiny("cpu")
+    captioner = load_tiny_captioner(chat)
+    images = [Image.new("RGB", (64, 48), color) for color in ((200, 30, 30), (20, 40, 220))]
+    jobs = [(chat, "tell me a story", None), (captioner, "describe", images[0]), (captioner, "describe", images[1])]
+    expected = [alone(pipe, prompt, 12, image=image) for pipe, prompt, image in jobs]
+    assert expected[1] != expected[2]  # the image matters
+    batches.clear()
+    streams = [pipe.stream(prompt, max_new_tokens=12, temperature=0, image=image) for pipe, prompt, image in jobs]
+    assert drain_in_threads(streams) == expected
+    assert any({chat.model, captioner.model} <= set(b) for b in batches)

@@ -128,7 +128,8 @@ class Row:
         cfg = model.adapter_config
         extras = cfg is not None and (cfg.bias or cfg.norm or cfg.lora_rank > 0)
         # Rows of one kind share a forward: prompt-only adapters all leave the base projections alone.
-        self.kind: object = model if extras else "prompt-only"
+        # (Compiled rows are decoded one per call of their pipeline's static step.)
+        self.kind: tuple[bool, object] = (decoder is not None, model if extras else "prompt-only")
         self.reserve = model.args.max_seq_len if decoder is not None else len(ids) + self.limit
         self.out: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.freed = threading.Event()
@@ -376,9 +377,9 @@ class Scheduler:
         """One decode step for every decoding row, then one prefill chunk; returns the rows that finished."""
         finished: list[Row] = []
         decoding = [r for r in rows if not r.prefilling and not r.cancelled]
-        kinds: dict[int, list[Row]] = {}
+        kinds: dict[tuple[bool, object], list[Row]] = {}
         for row in decoding:
-            kinds.setdefault(id(row.kind), []).append(row)
+            kinds.setdefault(row.kind, []).append(row)
         start = time.perf_counter()
         for batch in kinds.values():
             for row, logits in zip(batch, self._decode(batch), strict=True):

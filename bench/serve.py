@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import resource
 import shlex
 import statistics
@@ -182,11 +183,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--join-len", type=int, default=1000)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if 1 not in args.streams:
         p.error("--streams must include 1: the lone stream is the reference")
-    print(f"threads: {torch.get_num_threads()}")
+    print(f"threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
     rows, notes = [], []
     for name in args.configs:
         r, n = bench_config(CONFIGS[name], sorted(args.streams), args.new_tokens, args.prompt_len, args.join_len)

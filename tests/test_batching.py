@@ -13,7 +13,7 @@ import torch
 
 import llama_adapter
 from llama_adapter import AdapterConfig, save_adapter
-from llama_adapter.serve.scheduler import CapacityError, Scheduler
+from llama_adapter.serve.scheduler import LOOKAHEAD, CapacityError, Scheduler
 
 from .test_model import adapted_copy
 
@@ -277,3 +277,13 @@ def test_image_rows_batch_with_chat_rows(batches) -> None:
     streams = [pipe.stream(prompt, max_new_tokens=12, temperature=0, image=image) for pipe, prompt, image in jobs]
     assert drain_in_threads(streams) == expected
     assert any({chat.model, captioner.model} <= set(b) for b in batches)
+
+
+def test_an_unread_stream_waits_for_its_reader(base) -> None:
+    expected = alone(base, "the water", 60)
+    stream = base.stream("the water", max_new_tokens=60, temperature=0)
+    first = next(stream)
+    time.sleep(0.5)  # far longer than LOOKAHEAD steps of the tiny model
+    assert stream._steps._row.n_new <= LOOKAHEAD + 1  # it computed a few tokens ahead, then waited
+    assert first + "".join(stream) == stream.text
+    assert stream.generated_ids == expected

@@ -49,6 +49,9 @@ IDLE_EXIT_S = 2.0  # the loop thread ends after this long with nothing to do; th
 # interval (5 ms) each crossing stalls the loop by up to that long (a lone tiny-model stream ran 3x
 # slower); the loop lowers the process's interval to this when it starts, and never raises it.
 SWITCH_INTERVAL_S = 1e-4
+# A row whose reader has this many tokens unread waits (keeps its place, skips steps) until they are read:
+# a stream that is not read costs little, as with a lazy iterator.
+LOOKAHEAD = 8
 MIN_BUSY_CHUNK = 8  # the smallest prefill chunk while others decode: smaller ones waste the matrix units
 
 
@@ -208,6 +211,8 @@ class RowHandle:
         if self._done:
             raise StopIteration
         item = self._row.out.get()
+        if self._row.out.qsize() == LOOKAHEAD - 1:  # the row may have been waiting for this read
+            self._scheduler.wake()
         if item is _END:
             self._done = True
             raise StopIteration
@@ -313,6 +318,10 @@ class Scheduler:
                     self._free(row)
                 return
 
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     # ------------------------------------------------------------------ the loop
 
     def _ensure_thread(self) -> None:
@@ -358,7 +367,10 @@ class Scheduler:
                                 self._thread = None
                                 return
                         continue
-                    rows = list(self._rows)
+                    rows = [r for r in self._rows if r.prefilling or r.cancelled or r.out.qsize() < LOOKAHEAD]
+                    if not rows:  # every reader is behind: wait for one to read (``RowHandle`` wakes us)
+                        self._cond.wait(IDLE_EXIT_S)
+                        continue
                 try:
                     finished = self._iterate(rows)
                 except Exception as e:  # a bug or out of memory: every row of this batch gets the error

@@ -401,7 +401,8 @@ class Scheduler:
         newcomer = next((r for r in rows if r.prefilling and not r.cancelled), None)
         if newcomer is not None:
             start = time.perf_counter()
-            size = self._chunk_size(busy=bool(decoding))
+            # Busy: some row is decoding, or would be if its reader caught up (it still waits for tokens).
+            size = self._chunk_size(busy=any(not r.prefilling for r in rows) or len(self._rows) > len(rows))
             logits = self._prefill_chunk(newcomer, size)
             rate = size / max(time.perf_counter() - start, 1e-6)
             self._prefill_rate = rate if self._prefill_rate is None else (self._prefill_rate + rate) / 2

@@ -247,6 +247,8 @@ class Scheduler:
         self.steps = 0  # loop iterations that computed something (tests and stats)
         self._prefill_rate: float | None = None  # prompt tokens per second, measured on chunks
         self._decode_s = 0.0  # the last iteration's decode time
+        # The stacked adapter K/V of the last batch of each kind, rebuilt only when its rows change.
+        self._plans: dict[tuple[bool, object], tuple[list[Row], list[RowAdapters | AdapterKV | None]]] = {}
 
     # ------------------------------------------------------------------ callers
 
@@ -364,7 +366,7 @@ class Scheduler:
                             self._cond.wait(IDLE_EXIT_S)
                             self._admit()
                             if not self._rows and not self._queue:
-                                self._thread = None
+                                self._thread, self._plans = None, {}
                                 return
                         continue
                     rows = [r for r in self._rows if r.prefilling or r.cancelled or r.out.qsize() < LOOKAHEAD]
@@ -442,7 +444,11 @@ class Scheduler:
         tokens = torch.tensor([[r.next_token] for r in batch], device=self.device)
         positions = torch.tensor([[r.pos] for r in batch], device=self.device)
         step = RowsStep([r.cache for r in batch], [r.pos for r in batch])  # type: ignore[misc]
-        return batch[0].model.forward_cached(tokens, positions, step, row_adapters(batch, self.args.n_layers))
+        rows, plan = self._plans.get(batch[0].kind, ([], []))
+        if rows != batch:
+            plan = row_adapters(batch, self.args.n_layers)
+            self._plans[batch[0].kind] = (batch, plan)
+        return batch[0].model.forward_cached(tokens, positions, step, plan)
 
     def _decode_compiled(self, row: Row) -> Tensor:
         assert row.decoder is not None and row.decoder._static_step is not None and row.cache is not None

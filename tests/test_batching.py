@@ -151,7 +151,7 @@ def test_cancel_frees_the_row_within_one_step_and_leaves_the_others_alone(base) 
     assert scheduler.stats()["rows"] == 0
 
 
-def test_a_stream_dropped_unread_frees_its_row(base) -> None:
+def test_closing_an_unread_stream_frees_its_row(base) -> None:
     stream = base.stream("the water", max_new_tokens=200, temperature=0)
     stream.close()  # never iterated
     assert base.scheduler.stats()["rows"] == base.scheduler.stats()["queued"] == 0

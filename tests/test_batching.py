@@ -287,3 +287,11 @@ def test_an_unread_stream_waits_for_its_reader(base) -> None:
     assert stream._steps._row.n_new <= LOOKAHEAD + 1  # it computed a few tokens ahead, then waited
     assert first + "".join(stream) == stream.text
     assert stream.generated_ids == expected
+
+
+def test_generate_decodes_its_rows_together(base, batches) -> None:
+    """generate() reads its rows one after another, yet they decode in one batch (none waits for its reader)."""
+    batches.clear()
+    base.generate(PROMPTS, max_new_tokens=30, temperature=0)
+    assert max(len(b) for b in batches) == len(PROMPTS)
+    assert len(batches) <= 30 + len(PROMPTS)  # about one forward per token, not one per row and token

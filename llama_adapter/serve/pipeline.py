@@ -280,7 +280,10 @@ class Pipeline:
         image: ImageInput | Sequence[ImageInput] | None,
         wait_for_room: bool,
     ) -> tuple[list[Request], list[RowHandle]]:
-        """Submit one scheduler row per prompt; each row has its own generator (seeded ``seed + i``)."""
+        """Submit one scheduler row per prompt; each row has its own generator (seeded ``seed + i``).
+
+        ``wait_for_room`` (``generate``): wait for room in a full queue instead of refusing, and decode the
+        rows ahead of their reading (``generate`` reads them one after another)."""
         check_sampling(max_new_tokens, temperature, top_p)
         visual_prompt = self.visual_prompt(image, len(prompts))
         requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
@@ -298,7 +301,8 @@ class Pipeline:
                         generator.seed()
                     else:
                         generator.manual_seed(seed + i)
-                rows.append(Row(r.ids, self.model, kv, max_new_tokens, temperature, top_p, generator, self._decoder))
+                # generate() reads its rows one after another: they must not wait for their reader.
+                rows.append(Row(r.ids, self.model, kv, max_new_tokens, temperature, top_p, generator, self._decoder, not wait_for_room))
         handles: list[RowHandle] = []
         try:
             for row in rows:

@@ -119,8 +119,10 @@ class Row:
         top_p: float,
         generator: torch.Generator | None,
         decoder: Decoder | None = None,
+        lazy: bool = True,
     ) -> None:
         self.ids = ids
+        self.lazy = lazy  # waits while LOOKAHEAD tokens are unread (a reader that reads rows one after another passes False)
         self.model = model
         self.adapter_kv = adapter_kv
         self.limit = min(max_new_tokens, model.args.max_seq_len - len(ids))
@@ -369,7 +371,7 @@ class Scheduler:
                                 self._thread, self._plans = None, {}
                                 return
                         continue
-                    rows = [r for r in self._rows if r.prefilling or r.cancelled or r.out.qsize() < LOOKAHEAD]
+                    rows = [r for r in self._rows if r.prefilling or r.cancelled or not r.lazy or r.out.qsize() < LOOKAHEAD]
                     if not rows:  # every reader is behind: wait for one to read (``RowHandle`` wakes us)
                         self._cond.wait(IDLE_EXIT_S)
                         continue

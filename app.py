@@ -45,9 +45,9 @@ DEFAULT_ADAPTER = "LLaMA-Adapter-V1"
 DEFAULT_CAPTION_ADAPTER = "CAPTION-7B"  # the official V2 captioning model (CLIP ViT-L/14 through open_clip)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-MODEL_GROUP = "model"  # the concurrency group of every event that runs the model: one generation at a time
 QUEUE_SIZE = 64
 UPLOAD_CACHE = (600, 3600)  # (every, older than) in seconds: Gradio's delete_cache for uploaded files
+PANEL_REFRESH_S = 2.0  # how often an open page updates the batch size and queue length in the model panel
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 CHAT_EXAMPLES = [
@@ -322,6 +322,7 @@ def model_panel(models: Models) -> str:
         ("Context", f"{chat.max_seq_len} tokens"),
         ("Prompt template", "the base's chat template" if models.chat_format.name == "auto" else "Alpaca"),
         ("Trainable parameters", f"{chat.adapter_parameter_count():,} (the adapter)"),
+        *serving_rows(chat),
     ]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='model-table'>{cells}</table>"
@@ -364,6 +365,15 @@ def check_message(text: str, limit: int, what: str = "The message") -> None:
         check_length(text, limit, what)
     except TextError as e:
         raise user_error(str(e)) from None
+
+
+def serving_rows(pipe: Pipeline) -> list[tuple[str, str]]:
+    """The scheduler now: requests decoding together (the batch) and waiting for room (the queue)."""
+    s = pipe.scheduler.stats()
+    return [
+        ("Batch", f"{s['rows']} of {s['max_rows']} rows, {s['cached_tokens']:,} of {s['max_cached_tokens']:,} cached tokens"),
+        ("Queue", f"{s['queued']} waiting (at most {s['max_queue']})"),
+    ]
 
 
 def build_demo(models: Models) -> gr.Blocks:
@@ -476,7 +486,9 @@ def build_demo(models: Models) -> gr.Blocks:
         async for text in iterate_in_thread(lambda cancel: caption(image, prompt, temperature, top_p, max_new_tokens, cancel)):
             yield text
 
-    model_event = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    # Concurrent requests (tabs, API clients, chat and captions alike) are batched by the model's scheduler,
+    # which bounds and queues them itself; Gradio's queue only caps how many wait for a worker.
+    model_event = {"concurrency_limit": None}
     # Uploads are deleted an hour after they arrive, so Gradio's cache cannot grow without bound.
     with gr.Blocks(title="LLaMA-Adapter", fill_width=False, delete_cache=UPLOAD_CACHE) as demo:
         gr.HTML(
@@ -543,7 +555,7 @@ def build_demo(models: Models) -> gr.Blocks:
                         elem_id="system-prompt",
                     )
                 with gr.Accordion("Model", open=True):
-                    gr.HTML(model_panel(models), elem_id="model-panel")
+                    panel = gr.HTML(model_panel(models), elem_id="model-panel")
 
         settings = [temperature, top_p, max_new_tokens]
 
@@ -585,6 +597,8 @@ def build_demo(models: Models) -> gr.Blocks:
             caption_stream, [image, caption_prompt, *settings], [caption_out], api_name="caption", preprocess=False, **model_event
         )
         caption_stop.click(None, cancels=[caption_event], api_visibility="private")
+        refresh = gr.Timer(PANEL_REFRESH_S)
+        refresh.tick(lambda: model_panel(models), None, [panel], queue=False, api_visibility="private", show_progress="hidden")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 

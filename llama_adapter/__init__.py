@@ -15,10 +15,12 @@ from .model.visual import ClipSpec
 from .serve.engine import sample
 from .serve.loading import load, load_base
 from .serve.pipeline import Pipeline, PromptTruncatedWarning, TextStream
+from .serve.scheduler import CapacityError
 from .weights.adapter import read_adapter, save_adapter
 
 __all__ = [
     "AdapterConfig",
+    "CapacityError",
     "CheckpointError",
     "ClipSpec",
     "DataError",

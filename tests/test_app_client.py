@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -128,31 +126,31 @@ def test_cancel_stops_the_generation(client: Client, app_server: AppServer) -> N
     assert time.monotonic() - start < 15
 
 
-def test_two_clients_are_served_one_at_a_time(app_server: AppServer) -> None:
+def test_two_clients_stream_at_the_same_time(app_server: AppServer) -> None:
+    """Two /chat jobs both stream partial replies before either finishes: the model batches them."""
     offset = len(app_server.log())
     clients = [Client(app_server.url, verbose=False) for _ in range(2)]
-    barrier = threading.Barrier(2)
-    results: list[Future[Any]] = []
-
-    def send(c: Client) -> Any:
-        barrier.wait()
-        return c.submit("Tell me about alpacas.", 0.1, 0.75, 48, api_name="/chat")
-
-    threads = [threading.Thread(target=lambda c=c: results.append(send(c))) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    replies = [run_job(job) for job in results]
-    for outputs, _, error in replies:
-        assert error is None and outputs and outputs[-1].strip()
-    # In the log, the second generation starts only after the first has finished.
-    events = [(m.start(), "start", int(m.group(1))) for m in STARTED.finditer(app_server.log()[offset:])]
-    events += [(m.start(), "end", int(m.group(1))) for m in FINISHED.finditer(app_server.log()[offset:])]
-    order = [(kind, rid) for _, kind, rid in sorted(events)]
-    assert len(order) == 4, order
-    (k1, a), (k2, b), (k3, c), (k4, d) = order
-    assert (k1, k2, k3, k4) == ("start", "end", "start", "end") and a == b and c == d and a != c, order
+    jobs = [c.submit("Write a very long story.", 0.1, 0.75, 1500, api_name="/chat") for c in clients]
+    deadline = time.monotonic() + 90
+    try:
+        while not all(len(job.outputs()) >= 3 for job in jobs):
+            assert time.monotonic() < deadline, [len(job.outputs()) for job in jobs]
+            assert not any(job.done() for job in jobs), "a reply finished before the other started streaming"
+            time.sleep(0.02)
+    finally:
+        for job in jobs:
+            job.cancel()
+    for job in jobs:
+        assert_streamed(job.outputs())
+    # In the log, both generations started before either ended.
+    log = app_server.log()[offset:]
+    while len(FINISHED.findall(log)) < 2:
+        assert time.monotonic() < deadline, "the cancelled generations never ended"
+        time.sleep(0.05)
+        log = app_server.log()[offset:]
+    starts = [m.start() for m in STARTED.finditer(log)]
+    ends = [m.start() for m in FINISHED.finditer(log)]
+    assert len(starts) == 2 and max(starts) < min(ends), log
 
 
 def test_overlong_message_is_truncated_with_a_notice(client: Client) -> None:

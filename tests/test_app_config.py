@@ -63,6 +63,8 @@ def test_model_panel_names_the_model() -> None:
     for text in ("tiny random LLaMA", "tiny random adapter", "no image model", "cpu", "float32", f"{TINY_ARGS.max_seq_len} tokens"):
         assert text in panel
     assert f"{pipe.adapter_parameter_count():,}" in panel
+    limits = pipe.scheduler.limits
+    assert f"0 of {limits.max_rows} rows" in panel and f"0 waiting (at most {limits.max_queue})" in panel
 
 
 def test_offline_with_nothing_cached_exits_with_one_clear_message(tmp_path: Path) -> None:

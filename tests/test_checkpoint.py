@@ -185,7 +185,7 @@ def test_second_pipeline_shares_the_loaded_base(tmp_path: Path, hf_dir: Path, pi
     path = save_adapter(tmp_path / "a.safetensors", model.adapter_parameters(), model.adapter_config, model.args)
     shared = pipe.with_adapter(path)
     assert shared.model.layers[1].feed_forward.w1.weight.data_ptr() == pipe.model.layers[1].feed_forward.w1.weight.data_ptr()
-    assert shared.cache_slot is pipe.cache_slot  # one KV cache for both: they serve one request at a time
+    assert shared.scheduler is pipe.scheduler  # one decode loop for both: their requests batch together
     assert shared.adapter_name == str(path)
     fresh = llama_adapter.load(hf_dir, path, device="cpu", dtype="fp32")
     tokens = tokens_for(pipe, SAMPLE)

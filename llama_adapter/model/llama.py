@@ -19,7 +19,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,14 @@ class KVCache:
         return self.k[layer][:b], self.v[layer][:b]
 
 
+class AttentionStep(Protocol):
+    """Where a cached forward keeps its keys and values: writes this step's, attends over what is cached."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Cache k, v [B, kv_heads, T, hd] of ``layer``; return attention of q [B, n_heads, T, hd] over the cache."""
+        ...
+
+
 @dataclass
 class CacheStep:
     """Where a cached forward writes and how it masks (built by the caller once per step)."""
@@ -140,6 +148,33 @@ class CacheStep:
     mask: Tensor | None
     # Compiled decoding: write at this position tensor and attend over the whole cache through ``mask``.
     index: Tensor | None = None
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.index is None:
+            k, v = self.cache.update(layer, self.start, k, v)
+        else:
+            k, v = self.cache.update_at(layer, self.index, k, v)
+        is_causal = self.mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@dataclass
+class RowAdapters:
+    """One layer's adapter K/V for a batch whose rows carry different adapters (or none in this layer).
+
+    Each group is (row indices [n], or None for every row in order; Kp; gated Vp), Kp and Vp stacked
+    [n, n_heads, L, hd].  A row in no group gets no adapter term in this layer.
+    """
+
+    groups: list[tuple[Tensor | None, Tensor, Tensor]]
+
+    def add_to(self, out: Tensor, q: Tensor) -> Tensor:
+        for rows, kp, vp in self.groups:
+            if rows is None:
+                out = out + F.scaled_dot_product_attention(q, kp, vp)
+            else:
+                out[rows] = out[rows] + F.scaled_dot_product_attention(q[rows], kp, vp)
+        return out
 
 
 def _add_low_rank(down: nn.Linear, up: nn.Linear, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -200,26 +235,20 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        adapter_kv: AdapterKV | None = None,
-        step: CacheStep | None = None,
+        adapter_kv: AdapterKV | RowAdapters | None = None,
+        step: AttentionStep | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        mask = None
         if step is None:
-            is_causal = True
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            if step.index is None:
-                k, v = step.cache.update(self.layer_id, step.start, k, v)
-            else:
-                k, v = step.cache.update_at(self.layer_id, step.index, k, v)
-            mask = step.mask
-            is_causal = mask is None and t > 1
-        gqa = self.n_kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        if adapter_kv is not None:
+            out = step.attend(self.layer_id, q, k, v)
+        if isinstance(adapter_kv, RowAdapters):
+            out = adapter_kv.add_to(out, q)
+        elif adapter_kv is not None:
             kp, vp = adapter_kv
             kp, vp = kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1)
             out = out + F.scaled_dot_product_attention(q, kp, vp)
@@ -249,7 +278,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, adapter_kv: AdapterKV | None, step: CacheStep | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, adapter_kv: AdapterKV | RowAdapters | None, step: AttentionStep | None
+    ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -340,7 +371,9 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, layer_kv, None)
         return self.output(self.norm(h)).float()
 
-    def forward_cached(self, tokens: Tensor, positions: Tensor, step: CacheStep, adapter_kv: Sequence[AdapterKV | None]) -> Tensor:
+    def forward_cached(
+        self, tokens: Tensor, positions: Tensor, step: AttentionStep, adapter_kv: Sequence[AdapterKV | RowAdapters | None]
+    ) -> Tensor:
         """Forward ``tokens`` [B, T] at ``positions`` [B, T] through the cache; float32 logits of the last position [B, V]."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)

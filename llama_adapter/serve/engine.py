@@ -39,11 +39,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
 
 
 class CacheSlot:
-    """One reusable, preallocated KV cache (full context length).
+    """One reusable, preallocated KV cache (full context length) for successive ``Decoder.steps`` calls.
 
-    Pipelines that share a base also share their slot: they serve one request at a time, so one
-    cache is enough.  A request that finds the cache busy (a second stream interleaved with the
-    first) or too small gets a cache of its own.
+    A call that finds the cache busy (a second run interleaved with the first) or too small gets a
+    cache of its own.  (Pipelines decode through ``scheduler.Scheduler``, whose rows own their caches.)
     """
 
     def __init__(self) -> None:
@@ -80,7 +79,10 @@ def _pad_rows(t: Tensor, rows: int, fill: bool | int) -> Tensor:
 
 
 class Decoder:
-    """Runs the model over a batch of prompts with a KV cache and yields sampled tokens per step."""
+    """Runs the model over one fixed batch of prompts with a KV cache and yields sampled tokens per step.
+
+    The benchmarks time it; pipelines use its compiled static-shape step for their rows.
+    """
 
     def __init__(self, model: Transformer, pad_id: int, compile: bool = False, cache_slot: CacheSlot | None = None) -> None:
         self.model = model

@@ -18,7 +18,8 @@ from ..model.visual import ClipSpec, VisualEncoder
 from ..options import SAMPLING
 from ..weights.adapter import AdapterShape
 from .adapters import AdapterSource, attach_adapter
-from .engine import CacheSlot, Decoder, check_sampling
+from .engine import Decoder, check_sampling
+from .scheduler import Row, RowHandle, Scheduler
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -130,11 +131,19 @@ class TextStream(Iterator[str]):
     """
 
     def __init__(
-        self, tokenizer: TextTokenizer, request: Request, steps: Iterator[list[int]], max_new_tokens: int, stop: Sequence[str]
+        self,
+        tokenizer: TextTokenizer,
+        request: Request,
+        steps: RowHandle,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        cancel: CancelToken | None = None,
     ) -> None:
         self.prompt_ids = request.ids
         self.truncated_tokens = request.truncated
         self._row = RowText(tokenizer, stop)
+        self._steps = steps
+        self._cancel = cancel
         self._it = self._run(steps, max_new_tokens)
 
     @property
@@ -158,11 +167,14 @@ class TextStream(Iterator[str]):
 
     def close(self) -> None:
         self._it.close()
+        self._steps.close()  # also when iteration never started
 
-    def _run(self, steps: Iterator[list[int]], max_new_tokens: int) -> Iterator[str]:
+    def _run(self, steps: RowHandle, max_new_tokens: int) -> Iterator[str]:
         row = self._row
         try:
+            check(self._cancel)
             for (token,) in steps:
+                check(self._cancel)  # a cancel from another thread: the row is freed (finally) within one step
                 if out := row.push(token):
                     yield out
                 if row.done:
@@ -183,9 +195,10 @@ def warn_truncated(request: Request) -> None:
 
 
 class Pipeline:
-    """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for a batch.
+    """A loaded model and tokenizer: ``stream`` for one prompt, ``generate`` for several.
 
-    With a ``visual`` encoder (multimodal adapters) both take ``image=``.
+    With a ``visual`` encoder (multimodal adapters) both take ``image=``.  Requests from any thread,
+    and from every pipeline on the same base, are decoded together by one ``Scheduler``.
     """
 
     def __init__(
@@ -196,7 +209,7 @@ class Pipeline:
         adapter_name: str | None = None,
         visual: VisualEncoder | None = None,
         compile: bool = False,
-        cache_slot: CacheSlot | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model only {model.args.vocab_size} embeddings")
@@ -208,10 +221,12 @@ class Pipeline:
         self.adapter_name = adapter_name
         self.visual = visual
         self.compiled = compile
-        self._decoder = Decoder(model, tokenizer.pad_id, compile=compile, cache_slot=cache_slot)
+        # Compiled: rows of this pipeline decode through the decoder's static-shape step, one row per call.
+        self._decoder = Decoder(model, tokenizer.pad_id, compile=True) if compile else None
+        self.scheduler = scheduler or Scheduler(model, tokenizer.eos_id)
 
     def with_adapter(self, adapter: AdapterSource, *, clip: ClipSpec | None = None, adapter_shape: AdapterShape | None = None) -> Pipeline:
-        """A pipeline with ``adapter`` on this pipeline's base: the very same base tensors and KV cache, no copy.
+        """A pipeline with ``adapter`` on this pipeline's base: the very same base tensors and scheduler, no copy.
 
         ``adapter``: an adapter file, an official release name, a Hub repo id or file, or an
         ``AdapterConfig`` for a fresh (zero-gated) adapter.  Any adapter this pipeline has is left
@@ -219,7 +234,7 @@ class Pipeline:
         """
         model, visual = attach_adapter(self.model, adapter, clip, adapter_shape)
         name = None if isinstance(adapter, AdapterConfig) else str(adapter)
-        return Pipeline(model, self.tokenizer, self.base, name, visual, self.compiled, self.cache_slot)
+        return Pipeline(model, self.tokenizer, self.base, name, visual, self.compiled, self.scheduler)
 
     @property
     def adapter(self) -> str | None:
@@ -233,11 +248,6 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
-
-    @property
-    def cache_slot(self) -> CacheSlot:
-        """The KV cache this pipeline decodes with (shared with pipelines loaded on top of it)."""
-        return self._decoder.cache_slot
 
     @property
     def max_seq_len(self) -> int:
@@ -283,23 +293,43 @@ class Pipeline:
         top_p: float,
         seed: int | None,
         image: ImageInput | Sequence[ImageInput] | None,
+        wait_for_room: bool,
         cancel: CancelToken | None = None,
-    ) -> tuple[list[Request], Iterator[list[int]]]:
+    ) -> tuple[list[Request], list[RowHandle]]:
+        """Submit one scheduler row per prompt; each row has its own generator (seeded ``seed + i``).
+
+        ``wait_for_room`` (``generate``): wait for room in a full queue instead of refusing, and decode the
+        rows ahead of their reading (``generate`` reads them one after another).  ``cancel`` is checked
+        between image preprocessing stages and before the rows are submitted."""
         check_sampling(max_new_tokens, temperature, top_p)
         visual_prompt = self.visual_prompt(image, len(prompts), cancel)
         check(cancel)
         requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
         for r in requests:
             warn_truncated(r)
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
-        steps = self._decoder.steps([r.ids for r in requests], max_new_tokens, temperature, top_p, generator, visual_prompt, cancel)
-        return requests, steps
+        with torch.inference_mode():
+            shared_kv = self.model.adapter_kv(visual_prompt) if visual_prompt is None or len(visual_prompt) == 1 else None
+            rows = []
+            for i, r in enumerate(requests):
+                kv = shared_kv if shared_kv is not None else self.model.adapter_kv(visual_prompt[i : i + 1])
+                generator = None
+                if temperature > 0:
+                    generator = torch.Generator(device=self.device)
+                    if seed is None:
+                        generator.seed()
+                    else:
+                        generator.manual_seed(seed + i)
+                # generate() reads its rows one after another: they must not wait for their reader.
+                rows.append(Row(r.ids, self.model, kv, max_new_tokens, temperature, top_p, generator, self._decoder, not wait_for_room))
+        handles: list[RowHandle] = []
+        try:
+            for row in rows:
+                handles.append(self.scheduler.submit(row, wait_for_room))
+        except BaseException:
+            for handle in handles:
+                handle.close()
+            raise
+        return requests, handles
 
     def stream(
         self,
@@ -324,8 +354,8 @@ class Pipeline:
         A prompt too long for the context is truncated from the left (BOS kept) with a
         ``PromptTruncatedWarning``; ``stream.truncated_tokens`` tells how many tokens went.
         """
-        (request,), steps = self._start([prompt], max_new_tokens, temperature, top_p, seed, image, cancel)
-        return TextStream(self.tokenizer, request, steps, max_new_tokens, _stops(stop))
+        (request,), (handle,) = self._start([prompt], max_new_tokens, temperature, top_p, seed, image, False, cancel)
+        return TextStream(self.tokenizer, request, handle, max_new_tokens, _stops(stop), cancel)
 
     def generate(
         self,
@@ -338,23 +368,26 @@ class Pipeline:
         seed: int | None = None,
         image: ImageInput | Sequence[ImageInput] | None = None,
     ) -> list[str]:
-        """Complete several prompts in one batch; greedy results equal ``stream`` one by one.
+        """Complete several prompts, decoded together (and with other callers' requests); greedy results
+        equal ``stream`` one by one.  Rows that do not fit the scheduler's limits wait for room.
 
-        ``image``: one image for every prompt, or a list with one per prompt.
+        ``image``: one image for every prompt, or a list with one per prompt.  ``seed``: prompt i
+        samples with ``seed + i``.
         """
         if not prompts:
             return []
-        _, steps = self._start(prompts, max_new_tokens, temperature, top_p, seed, image)
+        _, handles = self._start(prompts, max_new_tokens, temperature, top_p, seed, image, wait_for_room=True)
         rows = [RowText(self.tokenizer, _stops(stop)) for _ in prompts]
         try:
-            for tokens in steps:
-                for row, token in zip(rows, tokens, strict=True):
-                    if not row.done:
-                        row.push(token)
-                if all(row.done for row in rows):
-                    break
+            for handle, row in zip(handles, rows, strict=True):
+                for (token,) in handle:
+                    row.push(token)
+                    if row.done:
+                        break
+                handle.close()
         finally:
-            steps.close()
+            for handle in handles:
+                handle.close()
         for row in rows:
             if not row.done:
                 row.finish(run_out_reason(row, max_new_tokens))

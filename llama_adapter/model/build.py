@@ -12,33 +12,52 @@ from torch import Tensor
 
 from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
+from . import kernels
 from .llama import Transformer
-from .quantize import Int8Linear, quantize_weight, swap_to_int8
+from .quantize import Int4Linear, Int8Linear, int4_cpu_layout, pack_int4, quantize_int4, quantize_weight, swap_to_quantized
 
 
-def meta_model(args: ModelConfig, adapter_config: AdapterConfig | None, dtype: torch.dtype, int8: Sequence[str] = ()) -> Transformer:
-    """An empty Transformer on the meta device; the Linear modules named in ``int8`` are weight-only int8."""
+def meta_model(
+    args: ModelConfig, adapter_config: AdapterConfig | None, dtype: torch.dtype, int8: Sequence[str] = (), int4: Sequence[str] = ()
+) -> Transformer:
+    """An empty Transformer on the meta device; the Linear modules named in ``int8`` / ``int4`` are weight-only int8 / int4."""
     with torch.device("meta"):
         model = Transformer(args, adapter_config)
-    swap_to_int8(model, list(int8), dtype)
+    swap_to_quantized(model, list(int8), dtype, "int8")
+    swap_to_quantized(model, list(int4), dtype, "int4")
     return model
+
+
+def _quantize_int4(weight: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Packed int4 weight and scales for ``device``: the CPU kernel's layout and activation dtype on CPU."""
+    cpu_kernel = device.type == "cpu" and int4_cpu_layout()
+    q, scales = quantize_int4(weight.to(device), kernels.PLAN.kernel_dtype["int4"] if cpu_kernel else dtype)
+    return pack_int4(q, cpu_kernel), scales
 
 
 def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: torch.dtype, device: torch.device) -> Transformer:
     """Assign ``tensors`` (name, tensor pairs, consumed one at a time) to a meta ``model``; returns it frozen, in eval mode.
 
     Base tensors take ``dtype`` (integer ones stay as they are), adapter tensors their serving dtypes
-    (``roles``).  Full-precision weights of int8 modules are quantized here, one at a time, so that a
-    lazy source never holds the full-precision model on the device.  Adapter parameters that
-    ``tensors`` lacks start fresh (``Transformer.reset_adapter_parameters``).
+    (``roles``).  Full-precision weights of int8 and int4 modules are quantized here, one at a time,
+    so that a lazy source never holds the full-precision model on the device; already quantized
+    tensors (another model's, for an adapter on a shared base) are taken as they are.  Adapter
+    parameters that ``tensors`` lacks start fresh (``Transformer.reset_adapter_parameters``).
     """
-    to_quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    modules = dict(model.named_modules())
+    int8 = {f"{n}.weight" for n, m in modules.items() if isinstance(m, Int8Linear)}
+    int4 = {f"{n}.weight" for n, m in modules.items() if isinstance(m, Int4Linear)}
+    int4_scales = {f"{n}.scales_and_zeros" for n, m in modules.items() if isinstance(m, Int4Linear)}
     cfg = model.adapter_config
     tuned_norms = cfg is not None and cfg.norm
     state: dict[str, Tensor] = {}
     for name, t in tensors:
-        if name in to_quantize and t.dtype != torch.int8:
+        if name in int8 and t.dtype != torch.int8:
             state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
+        elif name in int4 and t.dtype != torch.uint8:
+            state[name], state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
+        elif name in int4_scales or name in int4:
+            state[name] = t.to(device)
         elif is_adapter(name, tuned_norms):
             state[name] = t.to(device=device, dtype=serving_dtype(name, dtype))
         else:
@@ -60,6 +79,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     int8: Sequence[str] = (),
+    int4: Sequence[str] = (),
 ) -> Transformer:
     """``meta_model`` filled with ``tensors``: the one way a model is assembled from weights."""
-    return fill(meta_model(args, adapter_config, dtype, int8), tensors, dtype=dtype, device=device)
+    return fill(meta_model(args, adapter_config, dtype, int8, int4), tensors, dtype=dtype, device=device)

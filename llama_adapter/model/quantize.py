@@ -19,6 +19,8 @@ that into the GEMV.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -126,7 +128,7 @@ class Int4Linear(QuantizedLinear):
     def can_dequantize(self) -> bool:
         if self.weight.device.type != "cpu" or not int4_cpu_layout():
             return True
-        return kernels.PLAN.int4_unpack_ok and self.out_features % _INT4_BLOCK_ROWS == 0
+        return self.out_features % _INT4_BLOCK_ROWS == 0 and cpu_unpack_ok()
 
     def dequantize(self, out: Tensor) -> Tensor:
         q = unpack_int4(self.weight, self.weight.device.type == "cpu" and int4_cpu_layout())
@@ -141,6 +143,16 @@ class Int4Linear(QuantizedLinear):
 def int4_cpu_layout() -> bool:
     """Whether this torch has the packed int4 CPU kernel (torch >= 2.5)."""
     return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+@functools.cache
+def cpu_unpack_ok() -> bool:
+    """Whether ``unpack_int4`` inverts this torch's CPU packing (checked once, on a small random matrix)."""
+    q = torch.randint(0, 16, (2 * _INT4_BLOCK_ROWS, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        return torch.equal(unpack_int4(pack_int4(q, True), True), q)
+    except RuntimeError:
+        return False
 
 
 def quantize_weight(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:

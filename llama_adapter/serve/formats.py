@@ -1,6 +1,7 @@
 """Which weight format a CPU model is served in, from the memory actually available.
 
-fp32 when it fits with room to spare, else bf16, int8, int4: the most faithful format that fits.
+fp32 when it fits with room to spare, else bf16, int8, int4: the most faithful format that fits
+with its loading overshoot and a tenth of the memory left over (a quarter for fp32).
 The footprint counted is the serving one: weights, the full-context KV cache, the dequantising
 scratch buffer and the runtime itself.  Available memory is the container's (the cgroup limit
 less its usage, as on a Hugging Face Space) where there is a limit, and never more than the
@@ -20,7 +21,8 @@ from ..model.quantize import INT4_GROUP
 GiB = 1 << 30
 RUNTIME_BYTES = GiB // 2  # Python, torch, the tokenizer, activations
 LOADING_BYTES = GiB  # loading may overshoot the serving footprint by this much (one tensor's temporaries)
-FP32_SPARE = 0.25  # fp32 only when it leaves a quarter of the memory free
+SPARE = 0.10  # every format leaves a tenth of the memory to the rest of the machine (and the page cache)
+FP32_SPARE = 0.25  # fp32 only when it leaves a quarter free: it is the most faithful, not the fastest
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def choose_format(args: ModelConfig, available: int, source: str = "available", 
     sizes = []
     for dtype, quantize in candidates:
         need = serving_bytes(args, dtype, quantize) + extra_bytes
-        limit = available * (1 - FP32_SPARE) if dtype == torch.float32 and quantize is None else available
+        limit = available * (1 - (FP32_SPARE if dtype == torch.float32 and quantize is None else SPARE))
         sizes.append(need)
         if need + LOADING_BYTES <= limit:
             why = f"needs {need / GiB:.1f} GiB to serve, {available / GiB:.1f} GiB free ({source})"

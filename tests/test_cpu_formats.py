@@ -204,3 +204,11 @@ def test_the_probe_falls_back_when_a_kernel_is_missing(monkeypatch: pytest.Monke
         got = m(x)
     want = x @ (m.weight.float() * m.scale.float()[:, None]).t()
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+
+
+def test_the_app_panel_shows_the_weight_format(int4_dir: Path) -> None:
+    import app
+
+    pipe = llama_adapter.load(int4_dir, device="cpu", quantize="int4")
+    panel = app.model_panel(app.Models(pipe, None, tiny=False))
+    assert "<th>Weights</th><td>int4 weight-only (groups of 128), bfloat16 activations</td>" in panel

@@ -169,14 +169,51 @@ def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dic
     return row
 
 
+def clip_rows() -> list[str]:
+    """CLIP ViT-L/14's image tower (random weights, OpenAI's architecture) on one 224 px image, fp32 against bf16."""
+    import open_clip
+
+    tower = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).visual.eval()
+    image = torch.randn(1, 3, 224, 224)
+    out = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            tower.to(dtype)
+            x = image.to(dtype)
+            tower(x)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                out[dtype] = tower(x).float()
+                times.append(time.perf_counter() - start)
+            out[dtype, "s"] = sorted(times)[1]
+    diff = (out[torch.bfloat16] - out[torch.float32]).abs()
+    ref = out[torch.float32].abs()
+    dev = f"{(diff.max() / ref.max()).item():.2%} max, {(diff.mean() / ref.mean()).item():.2%} mean"
+    cos = F.cosine_similarity(out[torch.bfloat16], out[torch.float32]).min().item()
+    return [
+        "| CLIP ViT-L/14 image encoding | seconds per image |",
+        "|---|---|",
+        f"| fp32 | {out[torch.float32, 's']:.2f} |",
+        f"| bf16 | {out[torch.bfloat16, 's']:.2f} (deviation from fp32: {dev}; cosine {cos:.4f}) |",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a small config instead of 7B (smoke runs, about a minute)")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/llama_adapter_bench_cpu"))
+    p.add_argument("--clip", action="store_true", help="only time CLIP ViT-L/14's image encoding, fp32 against bf16")
     p.add_argument("--no-save", action="store_true")
     args_ns = p.parse_args()
+    if args_ns.clip:
+        out = "\n".join(clip_rows())
+        print(out)
+        if not args_ns.no_save:
+            append_results("CPU: CLIP ViT-L/14 image encoding, fp32 and bf16", "python bench/cpu.py " + shlex.join(sys.argv[1:]), out)
+        return
     shape = "small" if args_ns.small else "7b"
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -197,7 +234,8 @@ def main() -> None:
             )
             continue
         rows.append(measure(name, ckpt, args, prompts, args_ns.new_tokens))
-        print(f"{name}: {rows[-1]['decode']:.2f} tok/s", file=sys.stderr)
+        shown = {k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}
+        print(f"{name}: {shown}", file=sys.stderr, flush=True)  # each format as soon as it is measured
 
     # Against fp32: each format's prompt logits, and fp32's greedy choice after each of its tokens.
     seqs = torch.tensor([prompts[128] + r["tokens"][:-1] for r in rows])

@@ -212,3 +212,15 @@ def test_the_app_panel_shows_the_weight_format(int4_dir: Path) -> None:
     pipe = llama_adapter.load(int4_dir, device="cpu", quantize="int4")
     panel = app.model_panel(app.Models(pipe, None, tiny=False))
     assert "<th>Weights</th><td>int4 weight-only (groups of 128), bfloat16 activations</td>" in panel
+
+
+def test_an_adapter_on_an_int4_base_shares_its_tensors_and_keeps_lora_and_biases_unquantized(int4_dir: Path) -> None:
+    base = llama_adapter.load(int4_dir, device="cpu", quantize="int4")
+    cfg = llama_adapter.AdapterConfig(adapter_len=3, adapter_layer=2, bias=True, lora_rank=4)
+    pipe = base.with_adapter(cfg)
+    wq, base_wq = pipe.model.layers[3].attention.wq, base.model.layers[3].attention.wq
+    assert isinstance(wq, Int4Linear) and wq.weight.data_ptr() == base_wq.weight.data_ptr()
+    assert wq.scales_and_zeros.data_ptr() == base_wq.scales_and_zeros.data_ptr()
+    assert wq.bias is not None and wq.bias.dtype == pipe.dtype  # a tuned bias is not quantized
+    assert type(pipe.model.layers[3].attention.lora_wq_l1) is torch.nn.Linear
+    assert "".join(pipe.stream("the water", max_new_tokens=4, temperature=0))

@@ -223,41 +223,38 @@ def main() -> None:
     vocab = args.vocab_size
     prompts = {n: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (128, 512)}
 
+    n = args_ns.new_tokens
+    lines = [
+        "| format | weights | load s | peak RSS loading, anon / total GiB | serving RSS, anon / total GiB | TTFT 128 s | TTFT 512 s "
+        f"| prefill tok/s (512) | decode tok/s | bound tok/s | of bound | logits vs fp32, max / mean | greedy agreement, {n} tokens |",
+        "|---" * 13 + "|",
+    ]
     rows, notes = [], []
     for name in args_ns.formats:
         dtype, quantize = FORMATS[name]
         need = serving_bytes(args, dtype or torch.bfloat16, quantize) + LOADING_BYTES
         free, source = available_memory()
         if need > free:
-            notes.append(
-                f"{name} skipped: it needs {need / GiB:.1f} GiB with its loading overshoot, {free / GiB:.1f} GiB is free ({source})"
-            )
+            why = f"it needs {need / GiB:.1f} GiB with its loading overshoot, {free / GiB:.1f} GiB is free ({source})"
+            notes.append(f"{name} skipped: {why}")
             continue
-        rows.append(measure(name, ckpt, args, prompts, args_ns.new_tokens))
-        shown = {k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}
-        print(f"{name}: {shown}", file=sys.stderr, flush=True)  # each format as soon as it is measured
-
-    # Against fp32: each format's prompt logits, and fp32's greedy choice after each of its tokens.
-    seqs = torch.tensor([prompts[128] + r["tokens"][:-1] for r in rows])
-    n = args_ns.new_tokens
-    ref = fp32_reference(ckpt, args, seqs)
-    lines = [
-        "| format | weights | load s | peak RSS loading, anon / total GiB | serving RSS, anon / total GiB | TTFT 128 s | TTFT 512 s "
-        f"| prefill tok/s (512) | decode tok/s | bound tok/s | of bound | logits vs fp32, max / mean | greedy agreement, {n} tokens |",
-        "|---" * 13 + "|",
-    ]
-    for i, r in enumerate(rows):
-        want = ref[i, :128]
+        r = measure(name, ckpt, args, prompts, n)
+        # Against fp32: the prompt's logits, and fp32's greedy choice after each generated token.
+        ref = fp32_reference(ckpt, args, torch.tensor([prompts[128] + r["tokens"][:-1]]))[0]
+        want = ref[:128]
         diff = (r["logits"] - want).abs()
         dev = f"{(diff.max() / want.abs().max()).item():.2%} / {(diff.mean() / want.abs().mean()).item():.2%}"
-        fp32_choice = ref[i, 127 : 127 + len(r["tokens"])].argmax(-1)
-        agree = (fp32_choice == torch.tensor(r["tokens"])).float().mean().item()
+        agree = (ref[127 : 127 + len(r["tokens"])].argmax(-1) == torch.tensor(r["tokens"])).float().mean().item()
+        rows.append(r)
+        peak, serving = r["load_peak"], r["serving"]
         lines.append(
-            f"| {r['format']} | {r['weights']} | {r['load_s']:.0f} | {r['load_peak'].anon / GiB:.2f} / {r['load_peak'].total / GiB:.2f} "
-            f"| {r['serving'][0] / GiB:.2f} / {r['serving'][1] / GiB:.2f} "
+            f"| {name} | {r['weights']} | {r['load_s']:.0f} | {peak.anon / GiB:.2f} / {peak.total / GiB:.2f} "
+            f"| {serving[0] / GiB:.2f} / {serving[1] / GiB:.2f} "
             f"| {r['ttft128']:.2f} | {r['ttft512']:.2f} | {512 / r['ttft512']:.1f} | {r['decode']:.2f} | {r['bound']:.2f} "
             f"| {r['decode'] / r['bound']:.0%} | {dev} | {agree:.0%} |"
         )
+        print(lines[-1], f"({r['plan']})", file=sys.stderr, flush=True)  # each format as soon as it is measured
+
     by = {r["format"]: r for r in rows}
     if "int8" in by and "int4" in by:
         notes.append(f"int4 decodes at {by['int4']['decode'] / by['int8']['decode']:.2f}x int8")

@@ -224,3 +224,11 @@ def test_an_adapter_on_an_int4_base_shares_its_tensors_and_keeps_lora_and_biases
     assert wq.bias is not None and wq.bias.dtype == pipe.dtype  # a tuned bias is not quantized
     assert type(pipe.model.layers[3].attention.lora_wq_l1) is torch.nn.Linear
     assert "".join(pipe.stream("the water", max_new_tokens=4, temperature=0))
+
+
+def test_without_a_memory_figure_load_keeps_fp32(int4_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown() -> tuple[int, str]:
+        raise RuntimeError("cannot tell how much memory is free here")
+
+    monkeypatch.setattr("llama_adapter.serve.loading.available_memory", unknown)
+    assert llama_adapter.load(int4_dir, device="cpu").dtype == torch.float32

@@ -79,7 +79,7 @@ def available_memory(cgroup: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path
                 available, source = free, f"cgroup limit {limit / GiB:.1f} GiB"
             break
     if available is None:
-        raise RuntimeError("cannot tell how much memory is available: pass dtype= or quantize= explicitly")
+        raise RuntimeError("cannot tell how much memory is free here: pass dtype= or quantize= to choose the format")
     return available, source
 
 

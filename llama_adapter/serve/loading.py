@@ -59,8 +59,11 @@ def load_base(
     if dtype is not None:
         dtype, why = parse_dtype(dtype), "as asked"
     elif device.type == "cpu" and quantize is None:
-        fmt = choose_format(args, *available_memory())
-        dtype, quantize, why = fmt.dtype, fmt.quantize, fmt.reason
+        try:
+            fmt = choose_format(args, *available_memory())
+            dtype, quantize, why = fmt.dtype, fmt.quantize, fmt.reason
+        except RuntimeError as e:  # no /proc/meminfo (macOS, Windows): the old default
+            dtype, why = default_dtype(device), str(e)
     elif device.type == "cpu":
         dtype, why = torch.bfloat16, "as asked; bf16 activations, which the CPU weight-only kernels are fast in"
     else:

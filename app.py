@@ -128,8 +128,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         f"[{ENV_VARS['caption_adapter']}]",
     )
     p.add_argument("--device", help=f"cpu or cuda (default: cuda when available) [{ENV_VARS['device']}]")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"default: bf16 on GPU, fp32 on CPU [{ENV_VARS['dtype']}]")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=f"weight-only int8 serving: 7B in about 8 GB [{ENV_VARS['quantize']}]")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"default: bf16 on GPU; on CPU, by free memory [{ENV_VARS['dtype']}]")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=f"weight-only: 7B in 8 GB (int8) or 5 GB (int4) [{ENV_VARS['quantize']}]")
     p.add_argument(
         "--compile", action="store_true", default=None, help=f"compile the decode step (CUDA graphs on GPU) [{ENV_VARS['compile']}=1]"
     )
@@ -319,6 +319,7 @@ def model_panel(models: Models) -> str:
         ("Caption adapter", models.caption.adapter_name if models.caption else "none (no image model loaded)"),
         ("Device", str(chat.device)),
         ("Dtype", str(chat.dtype).removeprefix("torch.")),
+        ("Weights", chat.weight_format),
         ("Context", f"{chat.max_seq_len} tokens"),
         ("Prompt template", "the base's chat template" if models.chat_format.name == "auto" else "Alpaca"),
         ("Trainable parameters", f"{chat.adapter_parameter_count():,} (the adapter)"),

@@ -55,12 +55,13 @@ def random_weights(model: Transformer, device: torch.device, seed: int) -> Itera
         yield name, t
 
 
-def build(shape: str, dtype: torch.dtype, device: torch.device, quantize: bool, seed: int = 0) -> Transformer:
+def build(shape: str, dtype: torch.dtype, device: torch.device, quantize: str | None, seed: int = 0) -> Transformer:
     """The model as load() assembles it, from random weights made one tensor at a time (quantized as they come)."""
     args, adapter = SHAPES[shape]
     skeleton = meta_model(args, adapter, dtype)
-    int8 = quantized_linear_names(skeleton) if quantize else []
-    return build_model(args, adapter, random_weights(skeleton, device, seed), dtype=dtype, device=device, int8=int8)
+    names = quantized_linear_names(skeleton) if quantize else []
+    int8, int4 = (names, []) if quantize == "int8" else ([], names)
+    return build_model(args, adapter, random_weights(skeleton, device, seed), dtype=dtype, device=device, int8=int8, int4=int4)
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int) -> float:
@@ -157,7 +158,7 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     prompt = torch.randint(3, 32000, (args.prompt_len,)).tolist()
 
-    model = build(shape, dtype, device, quantize=False)
+    model = build(shape, dtype, device, quantize=None)
     bw = copy_bandwidth(device, 1 << 32 if device.type == "cuda" else 1 << 28)
     bound = bw / weight_bytes_per_token(model)
     rows.append(("copy bandwidth", f"{bw / 1e9:.0f} GB/s"))
@@ -184,7 +185,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated()
-    quant = build(shape, dtype, device, quantize=True)
+    quant = build(shape, dtype, device, quantize="int8")
     if device.type == "cuda":
         load_peak = torch.cuda.max_memory_allocated() - base_memory
         torch.cuda.empty_cache()

@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-seq-len", type=positive_int, help="context length (default: the model's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight-only int8 serving (7B in about 8 GB)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bf16 on GPU; on CPU chosen with --quantize by available memory")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight-only serving: 7B in about 8 GB (int8) or 5 GB (int4)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU); the first request pays")
     args = p.parse_args(argv)
     if args.input is not None and args.instruction is None:
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)  # what was loaded (e.g. an adapter's geometry), apart from the text on stdout
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter("llama_adapter: %(message)s"))
     logging.getLogger("llama_adapter").addHandler(handler)
     logging.getLogger("llama_adapter").setLevel(logging.INFO)
     stream = None

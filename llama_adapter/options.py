@@ -14,7 +14,7 @@ DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 # The names the command lines and the app offer (the rest are accepted aliases).
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 
 
 def one_of(choices: tuple[str, ...]) -> str:

@@ -58,8 +58,8 @@ def test_int8_halves_weight_memory_and_streams_with_an_adapter(tmp_path: Path, h
 
 
 def test_unknown_quantize_mode_is_refused(hf_dir: Path) -> None:
-    with pytest.raises(ValueError, match="unknown quantize mode 'int4'"):
-        llama_adapter.load(hf_dir, device="cpu", quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
+        llama_adapter.load(hf_dir, device="cpu", quantize="int3")
 
 
 def test_int8_keeps_lora_hooks_and_biases_in_full_precision(tmp_path: Path, hf_dir: Path, pipe) -> None:

@@ -12,59 +12,81 @@ from torch import Tensor
 
 from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
+from . import kernels
 from .llama import Transformer
-from .quantize import Int8Linear, quantize_weight, swap_to_int8
+from .quantize import Int4Linear, Int8Linear, int4_cpu_layout, pack_int4, quantize_int4, quantize_weight, swap_to_quantized
 
 # With tie_word_embeddings the head's weight is the embedding's.
 TIED_EMBEDDING, TIED_HEAD = "tok_embeddings.weight", "output.weight"
 
 
-def meta_model(args: ModelConfig, adapter_config: AdapterConfig | None, dtype: torch.dtype, int8: Sequence[str] = ()) -> Transformer:
-    """An empty Transformer on the meta device; the Linear modules named in ``int8`` are weight-only int8."""
+def meta_model(
+    args: ModelConfig, adapter_config: AdapterConfig | None, dtype: torch.dtype, int8: Sequence[str] = (), int4: Sequence[str] = ()
+) -> Transformer:
+    """An empty Transformer on the meta device; the Linear modules named in ``int8`` / ``int4`` are weight-only int8 / int4."""
     with torch.device("meta"):
         model = Transformer(args, adapter_config)
-    swap_to_int8(model, list(int8), dtype)
+    swap_to_quantized(model, list(int8), dtype, "int8")
+    swap_to_quantized(model, list(int4), dtype, "int4")
     return model
+
+
+def _quantize_int4(weight: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Packed int4 weight and scales for ``device``: the CPU kernel's layout and activation dtype on CPU."""
+    cpu_kernel = device.type == "cpu" and int4_cpu_layout()
+    q, scales = quantize_int4(weight.to(device), kernels.PLAN.kernel_dtype["int4"] if cpu_kernel else dtype)
+    return pack_int4(q, cpu_kernel), scales
 
 
 def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: torch.dtype, device: torch.device) -> Transformer:
     """Assign ``tensors`` (name, tensor pairs, consumed one at a time) to a meta ``model``; returns it frozen, in eval mode.
 
     Base tensors take ``dtype`` (integer ones stay as they are), adapter tensors their serving dtypes
-    (``roles``).  Full-precision weights of int8 modules are quantized here, one at a time, so that a
-    lazy source never holds the full-precision model on the device.  Adapter parameters that
-    ``tensors`` lacks start fresh (``Transformer.reset_adapter_parameters``).
+    (``roles``).  Full-precision weights of int8 and int4 modules are quantized here, one at a time,
+    so that a lazy source never holds the full-precision model on the device; already quantized
+    tensors (another model's, for an adapter on a shared base) are taken as they are.  Adapter
+    parameters that ``tensors`` lacks start fresh (``Transformer.reset_adapter_parameters``).
 
     Tied embeddings (``tie_word_embeddings``) are handled here, in one place: a full-precision
     ``output.weight`` in ``tensors`` is ignored and the head is the embedding matrix itself (one
-    tensor), or, when the head is quantized, the int8 quantization of that matrix (an int8 head
-    that ``tensors`` already holds, from a loaded model, is used as it is).
+    tensor), or, when the head is quantized, the quantization of that matrix (a quantized head that
+    ``tensors`` already holds, from a loaded model, is used as it is).
     """
-    to_quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    modules = dict(model.named_modules())
+    int8 = {f"{n}.weight" for n, m in modules.items() if isinstance(m, Int8Linear)}
+    int4 = {f"{n}.weight" for n, m in modules.items() if isinstance(m, Int4Linear)}
+    int4_scales = {f"{n}.scales_and_zeros" for n, m in modules.items() if isinstance(m, Int4Linear)}
     cfg = model.adapter_config
     tuned_norms = cfg is not None and cfg.norm
     base_biases = model.args.has_base_biases
     tied = model.args.tie_word_embeddings
+    quantized_head = TIED_HEAD in int8 or TIED_HEAD in int4
     state: dict[str, Tensor] = {}
     for name, t in tensors:
-        # A stored head is not used (the embedding is), unless it is the int8 head of an already loaded model.
-        if tied and name == TIED_HEAD and not (name in to_quantize and t.dtype == torch.int8):
+        # A stored head is not used (the embedding is), unless it is the quantized head of an already loaded model.
+        if tied and name == TIED_HEAD and not (quantized_head and t.dtype in (torch.int8, torch.uint8)):
             continue
-        if name in to_quantize and t.dtype != torch.int8:
+        if name in int8 and t.dtype != torch.int8:
             state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
+        elif name in int4 and t.dtype != torch.uint8:
+            state[name], state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
+        elif name in int4_scales or name in int4:
+            state[name] = t.to(device)
         elif is_adapter(name, tuned_norms, base_biases):
             state[name] = t.to(device=device, dtype=serving_dtype(name, dtype))
         else:
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    if tied and TIED_HEAD not in to_quantize:
+    if tied and not quantized_head:
         state[TIED_HEAD] = state[TIED_EMBEDDING]
-    elif tied and TIED_HEAD not in state:
+    elif tied and TIED_HEAD not in state and TIED_HEAD in int8:
         state[TIED_HEAD], state["output.scale"] = quantize_weight(state[TIED_EMBEDDING], dtype)
+    elif tied and TIED_HEAD not in state:
+        state[TIED_HEAD], state["output.scales_and_zeros"] = _quantize_int4(state[TIED_EMBEDDING], dtype, device)
     fresh = {n: p for n, p in model.adapter_parameters().items() if n not in state}
     for name, p in fresh.items():
         state[name] = torch.empty(p.shape, dtype=serving_dtype(name, dtype), device=device)
     model.load_state_dict(state, assign=True)
-    if tied and TIED_HEAD not in to_quantize:  # assign=True set two Parameters around one tensor: make them one again
+    if tied and not quantized_head:  # assign=True set two Parameters around one tensor: make them one again
         model.output.weight = model.tok_embeddings.weight
     model.reset_adapter_parameters(only=fresh.keys())
     model.init_rope(device)
@@ -79,6 +101,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     int8: Sequence[str] = (),
+    int4: Sequence[str] = (),
 ) -> Transformer:
     """``meta_model`` filled with ``tensors``: the one way a model is assembled from weights."""
-    return fill(meta_model(args, adapter_config, dtype, int8), tensors, dtype=dtype, device=device)
+    return fill(meta_model(args, adapter_config, dtype, int8, int4), tensors, dtype=dtype, device=device)

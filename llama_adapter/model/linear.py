@@ -9,6 +9,10 @@ The kernel is wrapped as a custom op with its own gradients, all three of them p
 the same kernel, so that eager code, autograd and ``torch.compile`` (which would otherwise
 lower an fp32 CPU linear to MKL again) all take it.  Other dtypes, other devices and autocast
 keep ``F.linear``.
+
+Which of the two is faster depends on the machine (on Intel processors with AMX, MKL's
+fp32 matrix-vector product was the faster one), so ``probe.probe_kernels`` times both on the model's
+shapes at load and sets ``kernels.PLAN.fp32_onednn``; oneDNN is the default until then.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+from . import kernels
+from .kernels import ONEDNN_LINEAR  # noqa: F401 (re-exported: where tests and callers look for it)
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -60,7 +65,7 @@ onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if (
-            ONEDNN_LINEAR
+            kernels.PLAN.fp32_onednn
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")

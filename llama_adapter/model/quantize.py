@@ -1,42 +1,158 @@
-"""Weight-only int8 serving: per-output-channel symmetric scales; activations stay in the model dtype.
+"""Weight-only int8 and int4 serving; adapters, LoRA, biases and norms stay in full precision.
 
-A 7B model then holds about 6.7 GB of weights instead of 13.5 GB.  On CUDA the dequantisation
-is a plain ``weight.to(dtype)`` before the matmul: eager decoding materialises each dequantised
-matrix for its call, while the compiled step (``--compile``, whose coordinate-descent tuning lets
-inductor turn a one-row matmul into a fusable reduction) fuses it into the GEMV.  On CPU torch's
-``_weight_int8pack_mm`` kernel avoids materialising the dequantised weight.
+- int8: symmetric, one scale per output channel.  A 7B model holds about 6.7 GB of weights.
+- int4: asymmetric, one scale and zero point per group of ``INT4_GROUP`` input channels (about
+  3.5 GB for 7B).  128 rather than 32: on 7B shapes the kernel ran faster and the model is 0.45 GB
+  smaller, for a larger but still small logit error (``bench/cpu.py`` reports it).
+
+On CPU each product takes one of two paths, chosen per call by the number of tokens against the
+threshold that ``kernels.probe`` measured at load:
+- few tokens (decoding): torch's fused weight-only kernels (``_weight_int8pack_mm``,
+  ``_weight_int4pack_mm_for_cpu``), which read the quantized weight directly.  They run in the
+  activation dtype the probe found fastest (bf16: their fp32 paths stream 5-10x slower), whatever
+  the model's dtype; the input is cast to it and the output cast back.
+- many tokens (prefill): the weight is dequantised into one reused scratch buffer and multiplied
+  by the machine's GEMM (oneDNN / MKL, bf16), the right kernel for a matrix of activations.
+On other devices the weight is dequantised for ``F.linear``; for int8 the compiled CUDA step fuses
+that into the GEMV.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..roles import Role, role_of
+from . import kernels
+
+INT4_GROUP = 128
+# torch's CPU int4 packing interleaves blocks of this many output rows (with AVX-512 and AVX2 alike).
+_INT4_BLOCK_ROWS = 64
 
 
-class Int8Linear(nn.Module):
-    def __init__(
-        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str | None = None, bias: bool = False
-    ) -> None:
+class QuantizedLinear(nn.Module):
+    """Shared parts of the weight-only modules: shapes, the full-precision bias, the CPU path choice."""
+
+    mode: str
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str | None, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
         # A tuned V2 bias stays in full precision, as a parameter like any adapter weight.
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features)
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+        if x.device.type != "cpu":
+            out = self.device_product(x)
         else:
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            plan = kernels.PLAN
+            tokens = x.numel() // self.in_features
+            flat = x.reshape(tokens, self.in_features)
+            if tokens >= plan.dequant_from[self.mode] and self.can_dequantize():
+                gemm = plan.gemm_dtype
+                out = F.linear(flat.to(gemm), self.dequantize(kernels.scratch(self.out_features, self.in_features, gemm)))
+            else:
+                out = self.fused(flat.to(plan.kernel_dtype[self.mode]))
+            out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
+    def device_product(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fused(self, x: Tensor) -> Tensor:
+        """x [M, in] times the quantized weight by the fused CPU kernel."""
+        raise NotImplementedError
+
+    def can_dequantize(self) -> bool:
+        return True
+
+    def dequantize(self, out: Tensor) -> Tensor:
+        """The full-precision weight [out, in] written into ``out``; returns it."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class Int8Linear(QuantizedLinear):
+    mode = "int8"
+
+    def __init__(
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str | None = None, bias: bool = False
+    ) -> None:
+        super().__init__(in_features, out_features, dtype, device, bias)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+
+    def device_product(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def fused(self, x: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
+
+    def dequantize(self, out: Tensor) -> Tensor:
+        return out.copy_(self.weight).mul_(self.scale.to(out.dtype)[:, None])
+
+
+class Int4Linear(QuantizedLinear):
+    """``weight`` [out, in/2] uint8: two 4-bit values q per byte, in the CPU kernel's packed order on
+    CPU (``int4_cpu_layout``) and row by row (low nibble first) elsewhere.  ``scales_and_zeros``
+    [in/group, out, 2]: w = (q - 8) * scale + zero, the CPU kernel's convention."""
+
+    mode = "int4"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        bias: bool = False,
+        group: int = INT4_GROUP,
+    ) -> None:
+        super().__init__(in_features, out_features, dtype, device, bias)
+        self.group = group
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=dtype, device=device))
+
+    def device_product(self, x: Tensor) -> Tensor:
+        w = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+        return F.linear(x, self.dequantize(w))
+
+    def fused(self, x: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
+
+    def can_dequantize(self) -> bool:
+        if self.weight.device.type != "cpu" or not int4_cpu_layout():
+            return True
+        return self.out_features % _INT4_BLOCK_ROWS == 0 and cpu_unpack_ok()
+
+    def dequantize(self, out: Tensor) -> Tensor:
+        q = unpack_int4(self.weight, self.weight.device.type == "cpu" and int4_cpu_layout())
+        groups = self.in_features // self.group
+        sz = self.scales_and_zeros.to(out.dtype)
+        scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [out, groups, 1]
+        # (q - 8) * scale + zero == q * scale + (zero - 8 scale): one pass over the weight.
+        view = out.view(self.out_features, groups, self.group)
+        return torch.addcmul(zero - 8 * scale, q.view_as(view), scale, out=view).view(self.out_features, self.in_features)
+
+
+def int4_cpu_layout() -> bool:
+    """Whether this torch has the packed int4 CPU kernel (torch >= 2.5)."""
+    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+@functools.cache
+def cpu_unpack_ok() -> bool:
+    """Whether ``unpack_int4`` inverts this torch's CPU packing (checked once, on a small random matrix)."""
+    q = torch.randint(0, 16, (2 * _INT4_BLOCK_ROWS, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        return torch.equal(unpack_int4(pack_int4(q, True), True), q)
+    except RuntimeError:
+        return False
 
 
 def quantize_weight(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -47,6 +163,38 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, T
     return q, scale.to(scale_dtype)
 
 
+def quantize_int4(weight: Tensor, scale_dtype: torch.dtype, group: int = INT4_GROUP) -> tuple[Tensor, Tensor]:
+    """int4 values (0..15, as uint8 [out, in]) and scales_and_zeros [in/group, out, 2] (min-max per group)."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-10)
+    q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(out_features, in_features)
+    zero = low + 8 * scale
+    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(scale_dtype)
+
+
+def pack_int4(q: Tensor, cpu_layout: bool) -> Tensor:
+    """uint8 [out, in] values 0..15 -> [out, in/2] bytes: the CPU kernel's packing, or row by row."""
+    if cpu_layout:
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, cpu_layout: bool) -> Tensor:
+    """The inverse of ``pack_int4``: uint8 [out, in] values 0..15.
+
+    torch's CPU layout, per block of 64 rows, stores for input channel k 32 bytes: byte j holds
+    row j in its low nibble and row j + 32 in its high one.  ``cpu_unpack_ok`` checks this against
+    the packing function before the dequantising path is used.
+    """
+    rows, half = packed.shape
+    if not cpu_layout:
+        return torch.stack([packed & 15, packed >> 4], dim=-1).view(rows, 2 * half)
+    blocks = packed.view(rows // _INT4_BLOCK_ROWS, 2 * half, _INT4_BLOCK_ROWS // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).transpose(1, 2).reshape(rows, 2 * half)
+
+
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """The big matrices: every Linear whose weight is a base weight (the blocks' projections and the output head).
 
@@ -55,14 +203,45 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and role_of(f"{n}.weight") is Role.BASE]
 
 
-def swap_to_int8(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-    """Replace the named Linear modules by empty Int8Linear ones on the same device (meta works)."""
+def check_int4_shapes(model: nn.Module, names: list[str], group: int = INT4_GROUP) -> None:
+    """int4 needs every quantized matrix's input width to be a multiple of the group size."""
+    bad = sorted({(m.in_features) for n, m in model.named_modules() if n in names and m.in_features % group})
+    if bad:
+        raise ValueError(
+            f"--quantize int4 needs input widths divisible by its group size {group}, and this model has {bad}"
+            " (dim or FFN width): use --quantize int8 for this model"
+        )
+
+
+def swap_to_quantized(model: nn.Module, names: list[str], dtype: torch.dtype, mode: str) -> None:
+    """Replace the named Linear modules by empty Int8Linear / Int4Linear ones on the same device (meta works)."""
+    kind = {"int8": Int8Linear, "int4": Int4Linear}[mode]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        new = Int8Linear(old.in_features, old.out_features, dtype, old.weight.device, bias=old.bias is not None)
+        new = kind(old.in_features, old.out_features, dtype, old.weight.device, bias=old.bias is not None)
         # V2 LoRA rides on forward hooks of the base projection: they must follow it.
         for hook in old._forward_hooks.values():
             new.register_forward_hook(hook)
         setattr(parent, child, new)
+
+
+def quantized_modes(model: nn.Module) -> dict[str, list[str]]:
+    """The names of the model's quantized Linear modules, by mode."""
+    out: dict[str, list[str]] = {"int8": [], "int4": []}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            out[m.mode].append(n)
+    return out
+
+
+def weight_format(model: nn.Module) -> str:
+    """What the model's matrices are, in words (the app's model panel, the load log)."""
+    dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
+    for mode, names in quantized_modes(model).items():
+        if names:
+            m = model.get_submodule(names[0])
+            detail = f"groups of {m.group}" if isinstance(m, Int4Linear) else "per channel"
+            return f"{mode} weight-only ({detail}), {dtype} activations"
+    return dtype

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..config import AdapterConfig
 from ..model.build import fill, meta_model
 from ..model.llama import Transformer
-from ..model.quantize import Int8Linear
+from ..model.quantize import quantized_modes
 from ..model.visual import ClipSpec, VisualEncoder, build_visual
 from ..weights import hub
 from ..weights.adapter import AdapterFile, AdapterShape, fit_adapter, read_adapter
@@ -51,8 +51,8 @@ def attach_adapter(
     elif clip is not None:
         raise ValueError("clip= is only for multimodal adapters, and this adapter has no visual part")
 
-    int8 = [n for n, m in base.named_modules() if isinstance(m, Int8Linear)]
-    model = meta_model(args, cfg, dtype, int8)
+    quantized = quantized_modes(base)
+    model = meta_model(args, cfg, dtype, quantized["int8"], quantized["int4"])
     own = base.state_dict()
     tensors = {k: own[k] for k in model.base_parameter_names()}  # the very same tensors
     visual_tensors: dict[str, Tensor] = {}

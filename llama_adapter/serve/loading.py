@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..model.build import TIED_HEAD, build_model, meta_model
-from ..model.quantize import quantized_linear_names
+from ..model.probe import probe_kernels
+from ..model.quantize import check_int4_shapes, quantized_linear_names, weight_format
 from ..model.visual import ClipSpec
 from ..options import check_quantize, default_dtype, parse_device, parse_dtype
 from ..weights import hub
@@ -17,7 +20,17 @@ from ..weights.adapter import AdapterShape
 from ..weights.base import open_tokenizer, read_base_state, read_model_config
 from ..weights.state import check_state, shapes
 from .adapters import AdapterSource
+from .formats import available_memory, choose_format
 from .pipeline import Pipeline
+
+# The one line per load that says which weight format and kernels were chosen and why.
+log = logging.getLogger("llama_adapter.load")
+if not log.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("llama_adapter: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def load_base(
@@ -32,13 +45,15 @@ def load_base(
     """Load a LLaMA base model (no adapter): a Meta or Hugging Face checkpoint directory, or a Hub repo id.
 
     Add adapters with ``Pipeline.with_adapter``; every pipeline made that way shares these weights.
-    ``quantize="int8"``: weight-only int8 for the transformer's matrices (serving only).
+    ``quantize="int8"`` / ``"int4"``: weight-only int8 / int4 for the transformer's matrices (serving only).
+    On CPU with neither ``dtype`` nor ``quantize`` given, the format is chosen from the memory
+    available (``formats.choose_format``: fp32, bf16, int8 or int4), and a quantized model
+    defaults to bf16; the choice, and the CPU kernels measured for it, are logged in one line each.
     ``compile=True``: decode with a ``torch.compile``d static-shape step (CUDA graphs on GPU);
     the first request pays the compilation.
     """
     check_quantize(quantize)
     device = parse_device(device)
-    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
     base_dir = hub.resolve_base(base)
     tokenizer = open_tokenizer(base_dir)
     args = read_model_config(base_dir, tokenizer.n_words, max_seq_len)
@@ -47,15 +62,33 @@ def load_base(
             f"{tokenizer.path} has {tokenizer.n_words} tokens but the model in {base_dir} has only {args.vocab_size} embeddings "
             "(vocab_size): this tokenizer does not belong to this model; put the model's own tokenizer beside its weights"
         )
+    if dtype is not None:
+        dtype, why = parse_dtype(dtype), "as asked"
+    elif device.type == "cpu" and quantize is None:
+        try:
+            fmt = choose_format(args, *available_memory())
+            dtype, quantize, why = fmt.dtype, fmt.quantize, fmt.reason
+        except RuntimeError as e:  # no /proc/meminfo (macOS, Windows): the old default
+            dtype, why = default_dtype(device), str(e)
+    elif device.type == "cpu":
+        dtype, why = torch.bfloat16, "as asked; bf16 activations, which the CPU weight-only kernels are fast in"
+    else:
+        dtype, why = default_dtype(device), "as asked" if quantize else "the device's default"
     skeleton = meta_model(args, None, dtype)
-    int8 = quantized_linear_names(skeleton) if quantize else []
+    names = quantized_linear_names(skeleton) if quantize else []
+    if quantize == "int4":
+        check_int4_shapes(skeleton, names)
+    if device.type == "cpu":
+        probe_kernels(args, dtype, quantize)
     # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
     # so the full-precision model never sits on the device.
     cpu = torch.device("cpu")
     state = read_base_state(base_dir, args, None if quantize else dtype, cpu if quantize else device)
     tied = {TIED_HEAD} if args.tie_word_embeddings else set()  # the head is the embedding: not read
     check_state(shapes(skeleton.state_dict().items()), state, f"base checkpoint {base_dir}", optional=tied)
-    model = build_model(args, None, state.items(), dtype=dtype, device=device, int8=int8)
+    int8, int4 = (names, []) if quantize == "int8" else ([], names)
+    model = build_model(args, None, state.items(), dtype=dtype, device=device, int8=int8, int4=int4)
+    log.info("weights: %s (%s)", weight_format(model), why)
     return Pipeline(model, tokenizer, base=str(base), compile=compile)
 
 

@@ -14,6 +14,7 @@ from ..config import AdapterConfig
 from ..inputs.images import ImageInput
 from ..inputs.tokenizer import StreamDecoder, TextTokenizer
 from ..model.llama import Transformer
+from ..model.quantize import weight_format
 from ..model.visual import ClipSpec, VisualEncoder
 from ..options import SAMPLING
 from ..weights.adapter import AdapterShape
@@ -248,6 +249,11 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def weight_format(self) -> str:
+        """The base's matrices in words, e.g. ``int8 weight-only (per channel), bfloat16 activations``."""
+        return weight_format(self.model)
 
     @property
     def max_seq_len(self) -> int:

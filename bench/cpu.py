@@ -1,0 +1,270 @@
+"""CPU serving benchmark: a LLaMA-7B-shaped model with random weights in each weight format.
+
+    python bench/cpu.py            # 7B shapes: bf16, int8 and int4 (fp32 when it fits); appends to bench/RESULTS.md
+    python bench/cpu.py --small    # a small config, about a minute: a smoke run
+
+The random weights are ``bench/gpu.py``'s (the same generator and seed), written once as a bf16
+Meta checkpoint (``--workdir``, reused by later runs) so that every format is measured as a user
+gets it: ``llama_adapter.load`` streaming the mmapped file tensor by tensor into ``build_model``.
+One model is alive at a time.  Per format: load time and peak RSS while loading, serving RSS (with
+the full-context KV cache), each as anonymous memory / total (the difference is mapped checkpoint
+pages: page cache the kernel can take back, and for bf16 the weights themselves, used in place),
+time to first token for 128- and 512-token prompts, batch-1 decode
+tokens/s against the memory-bandwidth bound (bytes read per token over the copy bandwidth
+measured just before), and the logits of a 128-token prompt against fp32, plus greedy agreement
+with fp32 over 64 tokens.  The fp32 reference streams the checkpoint layer by layer, so it needs
+no fp32 model in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import shlex
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import append_results, copy_bandwidth
+from gpu import SHAPES, random_weights
+
+import llama_adapter
+from llama_adapter.model import kernels
+from llama_adapter.model.build import meta_model
+from llama_adapter.model.llama import Block, RMSNorm, rope_tables
+from llama_adapter.serve.engine import Decoder
+from llama_adapter.serve.formats import LOADING_BYTES, GiB, available_memory, serving_bytes
+from llama_adapter.tiny import train_tokenizer
+
+FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (None, "int8"), "int4": (None, "int4")}
+
+
+def write_checkpoint(shape: str, out: Path) -> Path:
+    """gpu.py's random weights as a bf16 Meta checkpoint, made one tensor at a time through file-backed buffers."""
+    args, _ = SHAPES[shape]
+    if (out / "params.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "raw"
+    raw.mkdir(exist_ok=True)
+    state = {}
+    for i, (name, t) in enumerate(random_weights(meta_model(args, None, torch.bfloat16), torch.device("cpu"), seed=0)):
+        # Page-cache backed, so the whole model never has to sit in anonymous memory before it is saved.
+        buf = torch.from_file(str(raw / f"{i}.bin"), shared=True, size=t.numel(), dtype=torch.bfloat16)
+        state[name] = buf.view(t.shape).copy_(t)
+    torch.save(state, out / "consolidated.00.pth")
+    del state
+    shutil.rmtree(raw)
+    train_tokenizer(out)
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size}
+    (out / "params.json").write_text(json.dumps(params | {"multiple_of": args.multiple_of, "norm_eps": args.norm_eps}))
+    return out
+
+
+def rss() -> tuple[int, int]:
+    """(anonymous, total) resident bytes; the rest of the total is file-backed: mapped checkpoint pages."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+            fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return fields["RssAnon"], sum(fields.values())
+
+
+class PeakRss:
+    """Samples ``rss()`` every 20 ms in a thread while the block runs; ``.anon`` and ``.total`` are the peaks."""
+
+    def __enter__(self) -> PeakRss:
+        self.anon, self.total = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            anon, total = rss()
+            self.anon, self.total = max(self.anon, anon), max(self.total, total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """What one decode step reads: every weight tensor (quantized ones included) but the embedding table and the prompts."""
+    skip = ("tok_embeddings.weight", "adapter_query.weight")
+    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in skip) + model.args.dim * 2
+
+
+def greedy(decoder: Decoder, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """(time to first token, decode tokens/s after it, the n greedy tokens)."""
+    start = time.perf_counter()
+    tokens, first = [], 0.0
+    for i, step in enumerate(decoder.steps([prompt], n, 0.0, 1.0, None)):
+        if i == 0:
+            first = time.perf_counter() - start
+        tokens.append(step[0])
+    return first, (n - 1) / (time.perf_counter() - start - first), tokens
+
+
+@torch.inference_mode()
+def fp32_reference(ckpt: Path, args: llama_adapter.ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [B, T, V] of the checkpoint, one layer in fp32 at a time."""
+    sd = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
+    t = tokens.shape[1]
+    cos, sin = (x[None, :t] for x in rope_tables(args.head_dim, args.max_seq_len, args.rope_theta))
+    h = F.embedding(tokens, sd["tok_embeddings.weight"].float())
+    for i in range(args.n_layers):
+        with torch.device("meta"):
+            block = Block(args, i, adapted=False)
+        prefix = f"layers.{i}."
+        block.load_state_dict({k.removeprefix(prefix): v.float() for k, v in sd.items() if k.startswith(prefix)}, assign=True)
+        h = block(h, cos, sin, None, None)
+    norm = RMSNorm(args.dim, args.norm_eps)
+    norm.weight.data = sd["norm.weight"].float()
+    return F.linear(norm(h), sd["output.weight"].float()).float()
+
+
+def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dict[int, list[int]], new_tokens: int) -> dict:
+    dtype, quantize = FORMATS[name]
+    gc.collect()
+    start = time.perf_counter()
+    with PeakRss() as load_peak:
+        base = llama_adapter.load(ckpt, device="cpu", dtype=dtype, quantize=quantize, max_seq_len=args.max_seq_len)
+    load_s = time.perf_counter() - start
+    adapter = SHAPES["7b" if args.dim == 4096 else "small"][1]
+    pipe = base.with_adapter(adapter)  # a fresh 10 x 30 adapter on the same tensors: its work is timed, its zero gates change nothing
+    decoder = Decoder(pipe.model, 0)
+    greedy(decoder, prompts[128][:8], 2)  # warm-up; allocates the KV cache
+    ttft512 = greedy(decoder, prompts[512], 1)[0]
+    bw = copy_bandwidth()
+    ttft128, rate, tokens = greedy(decoder, prompts[128], new_tokens)
+    bound = bw / bytes_per_token(pipe.model)
+    with torch.inference_mode():
+        logits = pipe.model(torch.tensor([prompts[128]])).float()[0]
+    serving = rss()
+    row = dict(
+        format=name,
+        weights=llama_adapter.model.quantize.weight_format(pipe.model),
+        plan=kernels.PLAN.describe(pipe.dtype, quantize),
+        load_s=load_s,
+        load_peak=load_peak,
+        serving=serving,
+        ttft128=ttft128,
+        ttft512=ttft512,
+        decode=rate,
+        bound=bound,
+        bw=bw,
+        tokens=tokens,
+        logits=logits,
+    )
+    del pipe, base, decoder
+    gc.collect()
+    return row
+
+
+def clip_rows() -> list[str]:
+    """CLIP ViT-L/14's image tower (random weights, OpenAI's architecture) on one 224 px image, fp32 against bf16."""
+    import open_clip
+
+    tower = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True).visual.eval()
+    image = torch.randn(1, 3, 224, 224)
+    out = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            tower.to(dtype)
+            x = image.to(dtype)
+            tower(x)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                out[dtype] = tower(x).float()
+                times.append(time.perf_counter() - start)
+            out[dtype, "s"] = sorted(times)[1]
+    diff = (out[torch.bfloat16] - out[torch.float32]).abs()
+    ref = out[torch.float32].abs()
+    dev = f"{(diff.max() / ref.max()).item():.2%} max, {(diff.mean() / ref.mean()).item():.2%} mean"
+    cos = F.cosine_similarity(out[torch.bfloat16], out[torch.float32]).min().item()
+    return [
+        "| CLIP ViT-L/14 image encoding | seconds per image |",
+        "|---|---|",
+        f"| fp32 | {out[torch.float32, 's']:.2f} |",
+        f"| bf16 | {out[torch.bfloat16, 's']:.2f} (deviation from fp32: {dev}; cosine {cos:.4f}) |",
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="a small config instead of 7B (smoke runs, about a minute)")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/llama_adapter_bench_cpu"))
+    p.add_argument("--clip", action="store_true", help="only time CLIP ViT-L/14's image encoding, fp32 against bf16")
+    p.add_argument("--no-save", action="store_true")
+    args_ns = p.parse_args()
+    if args_ns.clip:
+        out = "\n".join(clip_rows())
+        print(out)
+        if not args_ns.no_save:
+            append_results("CPU: CLIP ViT-L/14 image encoding, fp32 and bf16", "python bench/cpu.py " + shlex.join(sys.argv[1:]), out)
+        return
+    shape = "small" if args_ns.small else "7b"
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    ckpt = write_checkpoint(shape, args_ns.workdir / shape)
+    print(f"checkpoint {ckpt} ready in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    args = dataclasses.replace(SHAPES[shape][0], max_seq_len=2048)  # LLaMA's context, for the small config too
+    vocab = args.vocab_size
+    prompts = {n: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (128, 512)}
+
+    n = args_ns.new_tokens
+    lines = [
+        "| format | weights | load s | peak RSS loading, anon / total GiB | serving RSS, anon / total GiB | TTFT 128 s | TTFT 512 s "
+        f"| prefill tok/s (512) | decode tok/s | bound tok/s | of bound | logits vs fp32, max / mean | greedy agreement, {n} tokens |",
+        "|---" * 13 + "|",
+    ]
+    rows, notes = [], []
+    for name in args_ns.formats:
+        dtype, quantize = FORMATS[name]
+        need = serving_bytes(args, dtype or torch.bfloat16, quantize) + LOADING_BYTES
+        free, source = available_memory()
+        if need > free:
+            why = f"it needs {need / GiB:.1f} GiB with its loading overshoot, {free / GiB:.1f} GiB is free ({source})"
+            notes.append(f"{name} skipped: {why}")
+            continue
+        r = measure(name, ckpt, args, prompts, n)
+        # Against fp32: the prompt's logits, and fp32's greedy choice after each generated token.
+        ref = fp32_reference(ckpt, args, torch.tensor([prompts[128] + r["tokens"][:-1]]))[0]
+        want = ref[:128]
+        diff = (r["logits"] - want).abs()
+        dev = f"{(diff.max() / want.abs().max()).item():.2%} / {(diff.mean() / want.abs().mean()).item():.2%}"
+        agree = (ref[127 : 127 + len(r["tokens"])].argmax(-1) == torch.tensor(r["tokens"])).float().mean().item()
+        rows.append(r)
+        peak, serving = r["load_peak"], r["serving"]
+        lines.append(
+            f"| {name} | {r['weights']} | {r['load_s']:.0f} | {peak.anon / GiB:.2f} / {peak.total / GiB:.2f} "
+            f"| {serving[0] / GiB:.2f} / {serving[1] / GiB:.2f} "
+            f"| {r['ttft128']:.2f} | {r['ttft512']:.2f} | {512 / r['ttft512']:.1f} | {r['decode']:.2f} | {r['bound']:.2f} "
+            f"| {r['decode'] / r['bound']:.0%} | {dev} | {agree:.0%} |"
+        )
+        print(lines[-1], f"({r['plan']})", file=sys.stderr, flush=True)  # each format as soon as it is measured
+
+    by = {r["format"]: r for r in rows}
+    if "int8" in by and "int4" in by:
+        notes.append(f"int4 decodes at {by['int4']['decode'] / by['int8']['decode']:.2f}x int8")
+    notes += [f"{r['format']} kernels: {r['plan']}; copy bandwidth before decoding {r['bw'] / 1e9:.1f} GB/s" for r in rows]
+    out = "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    print(out)
+    if not args_ns.no_save:
+        title = f"CPU serving formats ({shape}, 2-thread VM, {args_ns.new_tokens} new tokens, prompts of 128 and 512)"
+        append_results(title, "python bench/cpu.py " + shlex.join(sys.argv[1:]), out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Which CPU kernel each product takes: one plan per process, measured at load by ``probe.probe_kernels``.
+
+The defaults below hold until a probe runs (tests, tiny models, training): oneDNN for fp32
+products, bf16 activations for the fused weight-only kernels, and token-count thresholds from
+the measurements in ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+NEVER = sys.maxsize  # a threshold no forward reaches
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    # fp32 products on oneDNN (``linear.Linear``) rather than F.linear (MKL).
+    fp32_onednn: bool = ONEDNN_LINEAR
+    # Per quantize mode: the activation dtype the fused weight-only kernel runs in.
+    kernel_dtype: dict[str, torch.dtype] = field(default_factory=lambda: {"int8": torch.bfloat16, "int4": torch.bfloat16})
+    # Per quantize mode: from this many tokens on, dequantise into scratch and use the GEMM.
+    dequant_from: dict[str, int] = field(default_factory=lambda: {"int8": 32, "int4": 128})
+    # The dtype of that GEMM.
+    gemm_dtype: torch.dtype = torch.bfloat16
+
+    def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
+        """The choices that matter to a model of this dtype and quantize mode, in words."""
+        if quantize is None:
+            if dtype != torch.float32:
+                return f"{str(dtype).removeprefix('torch.')} products on F.linear"
+            return f"fp32 products on {'oneDNN' if self.fp32_onednn else 'F.linear (MKL)'}"
+        start = self.dequant_from[quantize]
+        gemm = f"dequantise + {str(self.gemm_dtype).removeprefix('torch.')} GEMM"
+        if start == 1:
+            return f"{quantize}: no fused kernel works here, {gemm} always"
+        fused = f"{quantize}: fused kernel in {str(self.kernel_dtype[quantize]).removeprefix('torch.')}"
+        return f"{fused}, {gemm} never" if start == NEVER else f"{fused} below {start} tokens, {gemm} from {start}"
+
+
+PLAN = CpuKernels()
+
+
+def set_plan(plan: CpuKernels) -> None:
+    global PLAN
+    PLAN = plan
+
+
+@contextlib.contextmanager
+def using(**changes: object) -> Iterator[CpuKernels]:
+    """Run a block with some choices of the plan forced (tests exercise every path this way)."""
+    old = PLAN
+    set_plan(replace(old, **changes))  # type: ignore[arg-type]
+    try:
+        yield PLAN
+    finally:
+        set_plan(old)
+
+
+_scratch: dict[torch.dtype, Tensor] = {}
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """A [rows, cols] view of one reused buffer per dtype, grown to the largest request.
+
+    Products run one at a time, so every layer's dequantised weight can live in the same memory.
+    """
+    buf = _scratch.get(dtype)
+    if buf is None or buf.numel() < rows * cols:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = _scratch[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buf[: rows * cols].view(rows, cols)

@@ -13,12 +13,11 @@ import argparse
 import shlex
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 from common import BenchConfig, add_peft_adapter, append_results, copy_bandwidth, make_hf_llama, ours_from_hf, weight_bytes_per_token
 
-from llama_adapter.model import linear
+from llama_adapter.model import kernels
 from llama_adapter.options import parse_dtype
 from llama_adapter.serve.engine import Decoder
 
@@ -64,15 +63,9 @@ def gemv_ceiling(model, repeats: int) -> float:
     return 1 / min(step() for _ in range(max(repeats, 3)))
 
 
-@contextmanager
 def torch_default_kernel():
     """Our model with F.linear (MKL for fp32 on CPU), to separate the kernel's share of the speed-up from the rest."""
-    saved = linear.ONEDNN_LINEAR
-    linear.ONEDNN_LINEAR = False
-    try:
-        yield
-    finally:
-        linear.ONEDNN_LINEAR = saved
+    return kernels.using(fp32_onednn=False)
 
 
 def best(fn, repeats: int):

@@ -18,12 +18,13 @@ import multiprocessing as mp
 import shlex
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from common import MAX_LEN, BenchConfig, add_peft_adapter, alpaca_like, append_results, make_hf_llama, ours_from_hf
 
-from llama_adapter.model import linear
+from llama_adapter.model import kernels
 from llama_adapter.train import make_optimizer, summed_nll
 from llama_adapter.train.data import IGNORE_INDEX, Example, LengthGroupedBatches, padding_efficiency
 
@@ -52,7 +53,7 @@ def run(impl: str, cfg: BenchConfig, batch_size: int, steps: int, queue: mp.Queu
     hf = add_peft_adapter(make_hf_llama(cfg, torch.float32), cfg)
     if impl.startswith("ours"):
         # This process is the run's own (spawned), so switching the kernel here touches nothing else.
-        linear.ONEDNN_LINEAR = impl == "ours"
+        kernels.set_plan(replace(kernels.PLAN, fp32_onednn=impl == "ours"))
         model = ours_from_hf(hf, cfg, torch.float32, max_seq_len=MAX_LEN)
         del hf
         for p in model.adapter_parameters().values():

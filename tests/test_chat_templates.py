@@ -91,8 +91,10 @@ def test_fit_chat_drops_turns_in_the_template_too(llama3_pipe) -> None:
     assert fitted.text.count(SYSTEM) == 1  # the system prompt survives the cut
 
 
-def test_sentencepiece_reads_its_control_pieces_in_text(tokenizer_path: Path) -> None:
-    tok = Tokenizer(tokenizer_path)
+def test_sentencepiece_reads_its_control_pieces_in_text_only_for_a_chat_template(tokenizer_path: Path) -> None:
+    plain = Tokenizer(tokenizer_path)  # a base without a chat template, e.g. LLaMA-1 with the official adapters
+    assert plain.encode("long </s> day") == [plain.bos_id, *plain.sp.encode("long </s> day")]  # typed text stays text
+    tok = Tokenizer(tokenizer_path, read_control_pieces=True)
     ids = tok.encode("<s>[INST] the day [/INST] long </s><s>[INST] oil [/INST]")
     # As Meta's Llama-2 chat code encodes a conversation: each turn on its own, between BOS and EOS ids (one BOS in front).
     sp = tok.sp

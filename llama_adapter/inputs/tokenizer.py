@@ -53,7 +53,10 @@ def with_bos_eos(ids: list[int], bos_id: int | None, eos_id: int, bos: bool, eos
 class Tokenizer:
     """LLaMA-1/2's sentencepiece ``tokenizer.model``."""
 
-    def __init__(self, model_path: str | Path) -> None:
+    def __init__(self, model_path: str | Path, read_control_pieces: bool = False) -> None:
+        """``read_control_pieces``: read ``<s>`` / ``</s>`` in text as those tokens, which a chat template's
+        rendering needs (Llama-2-chat writes them).  Off, text is text, as the official LLaMA-Adapter code
+        encodes it: a user who types ``</s>`` gets those characters, never an end of sequence."""
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
@@ -70,6 +73,7 @@ class Tokenizer:
         # The loader adds the end-of-turn ids a base's config.json / generation_config.json name.
         self.stop_ids: frozenset[int] = frozenset({self.eos_id})
         self.chat_template: str | None = None
+        self.read_control_pieces = read_control_pieces
 
     @cached_property
     def _specials(self) -> tuple[re.Pattern[str], dict[str, int]]:
@@ -82,10 +86,13 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids; lone surrogates (not Unicode, which sentencepiece cannot take) are encoded as U+FFFD.
 
-        Control-piece strings in the text are those tokens (as transformers reads them, e.g. in Llama-2-chat
-        prompts); each stretch of text between them is encoded on its own, as Meta's chat code does.
+        With ``read_control_pieces``, control-piece strings in the text are those tokens (as transformers
+        reads them in Llama-2-chat prompts); each stretch of text between them is encoded on its own, as
+        Meta's chat code does.
         """
         text = sanitize(text)
+        if not self.read_control_pieces:
+            return with_bos_eos(self.sp.encode(text), self.bos_id, self.eos_id, bos, eos)
         pattern, pieces = self._specials
         ids: list[int] = []
         for part in pattern.split(text) if "<" in text else [text]:

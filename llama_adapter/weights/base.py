@@ -218,6 +218,8 @@ def open_tokenizer(base_dir: Path) -> TextTokenizer:
                 raise
             tokenizer = HFTokenizer(base_dir / "tokenizer.json", special)  # e.g. a tiktoken tokenizer.model beside it
     tokenizer.chat_template = read_chat_template(base_dir)
+    if isinstance(tokenizer, Tokenizer):  # its template writes <s> / </s> as text that must become those tokens
+        tokenizer.read_control_pieces = tokenizer.chat_template is not None
     return tokenizer
 
 

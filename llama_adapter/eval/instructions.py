@@ -8,11 +8,11 @@ a reference ``output``...) are carried over, except ``output`` and ``generator``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_adapter
+from llama_adapter.train.data import json_items
 
 from .runner import EvalError, Example, report
 
@@ -25,24 +25,6 @@ class Instruction:
     fields: dict  # the record as read (empty for plain strings)
 
 
-def _parse(text: str, path: Path) -> list[tuple[str, object]]:
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"record {i}", x) for i, x in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    items, errors = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                items.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                errors.append(f"line {n}: invalid JSON ({e.msg}, column {e.colno})")
-    if errors:
-        raise EvalError(report(path, errors, "bad line(s); expected a JSON list or JSON Lines of instructions"))
-    return items
-
-
 def read_instructions(path: str | Path) -> list[Instruction]:
     """Every instruction in the file, validated; all bad records reported at once by index or line."""
     path = Path(path)
@@ -53,7 +35,7 @@ def read_instructions(path: str | Path) -> list[Instruction]:
     except UnicodeDecodeError as e:
         raise EvalError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out, errors = [], []
-    for i, (where, item) in enumerate(_parse(text, path)):
+    for i, (where, item) in enumerate(json_items(path, text)):
         if isinstance(item, str):
             item = {"instruction": item}
         if not isinstance(item, dict) or not isinstance(item.get("instruction"), str) or not item["instruction"].strip():

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import llama_adapter
 from llama_adapter.errors import LlamaAdapterError
+from llama_adapter.train.data import problem_report as report
 
 
 class EvalError(LlamaAdapterError, ValueError):
@@ -47,15 +48,6 @@ class Generation:
     temperature: float = 0.0
     top_p: float = 0.75
     seed: int | None = None
-
-
-def report(source: str | Path, problems: Sequence[str], what: str, limit: int = 20) -> str:
-    """One message listing every problem (the first ``limit``), headed by the file and what is wrong."""
-    lines = [f"{source}: {len(problems)} {what}:"]
-    lines += [f"  {p}" for p in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more")
-    return "\n".join(lines)
 
 
 def read_json(path: Path, what: str) -> object:

@@ -90,7 +90,7 @@ def instruction_record(obj: object) -> InstructionRecord:
     )
 
 
-def _raw_items(path: Path, text: str) -> list[tuple[str, object]]:
+def json_items(path: Path, text: str) -> list[tuple[str, object]]:
     """(where, parsed value) per record; JSON syntax errors raise DataError with line numbers."""
     if text.lstrip().startswith("["):
         try:
@@ -111,21 +111,28 @@ def _raw_items(path: Path, text: str) -> list[tuple[str, object]]:
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
-            raise DataError(_report(path, bad)) from None
+            raise DataError(problem_report(path, bad)) from None
         kind = type(whole).__name__
         raise DataError(f"{path} holds one JSON {kind}; expected a JSON list of records or JSON Lines (one record per line)")
     return out
 
 
-def _report(path: Path, problems: list[str], what: str = "malformed record(s)", limit: int = 20) -> str:
-    lines = [f"{path}: {len(problems)} {what}; fix or remove them and run again:"]
+def problem_report(
+    path: str | Path, problems: Sequence[str], what: str = "malformed record(s); fix or remove them and run again", limit: int = 20
+) -> str:
+    """One message listing every problem (the first ``limit``), headed by the file and what is wrong (and what to do)."""
+    lines = [f"{path}: {len(problems)} {what}:"]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
 
 
-def read_records(path: str | Path, parse: Callable[[object], object] = instruction_record, what: str = "malformed record(s)") -> list:
+def read_records(
+    path: str | Path,
+    parse: Callable[[object], object] = instruction_record,
+    what: str = "malformed record(s); fix or remove them and run again",
+) -> list:
     """All records of a JSON-list or JSONL file, each validated by ``parse``; raise one DataError for all problems.
 
     Records in a list are named by index (from 0), JSONL records by line number (from 1); ``what``
@@ -139,13 +146,13 @@ def read_records(path: str | Path, parse: Callable[[object], object] = instructi
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     records, problems = [], []
-    for where, item in _raw_items(path, text):
+    for where, item in json_items(path, text):
         try:
             records.append(parse(item))
         except RecordError as e:
             problems.append(f"{where}: {e}")
     if problems:
-        raise DataError(_report(path, problems, what))
+        raise DataError(problem_report(path, problems, what))
     if not records:
         raise DataError(f"{path} holds no records")
     return records

@@ -113,7 +113,7 @@ def read_image_text_records(path: str | Path, image_root: str | Path) -> list[Im
     root = Path(image_root)
     if not root.is_dir():
         raise DataError(f"--image-root {root} is not a directory")
-    return read_records(path, partial(_checked_record, root), what="bad record(s)")
+    return read_records(path, partial(_checked_record, root), what="bad record(s); fix or remove them and run again")
 
 
 def _checked_record(root: Path, obj: object) -> ImageTextRecord:

@@ -88,6 +88,8 @@ ENV_VARS = {
     "tiny": "LLAMA_ADAPTER_TINY",
     "chat_template": "LLAMA_ADAPTER_CHAT_TEMPLATE",
     "system_prompt": "LLAMA_ADAPTER_SYSTEM_PROMPT",
+    "max_batch": "LLAMA_ADAPTER_MAX_BATCH",
+    "max_queue": "LLAMA_ADAPTER_MAX_QUEUE",
 }  # --host, --port and --share fall back to Gradio's own GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, GRADIO_SHARE
 
 
@@ -107,6 +109,8 @@ class Settings:
     share: bool | None
     chat_template: str = "alpaca"  # or "auto": the base's own chat template, when it has one
     system_prompt: str = ""  # for chat templates; the Alpaca template has no system prompt
+    max_batch: int | None = None  # the scheduler's max_rows; None: its default for the device
+    max_queue: int | None = None  # requests waiting for a row; None: the scheduler's default
 
 
 def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -142,6 +146,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         help=f"alpaca (default: the official adapters' template) or auto: the base's own chat template [{ENV_VARS['chat_template']}]",
     )
     p.add_argument("--system-prompt", help=f"initial system prompt for chat templates [{ENV_VARS['system_prompt']}]")
+    p.add_argument("--max-batch", help=f"requests decoding together (default: 16 on CPU, 64 on GPU) [{ENV_VARS['max_batch']}]")
+    p.add_argument("--max-queue", help=f"requests waiting for room in the batch (default 64) [{ENV_VARS['max_queue']}]")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1) [GRADIO_SERVER_NAME]")
     p.add_argument("--port", type=int, help="port (default 7860, or the next free one) [GRADIO_SERVER_PORT]")
     p.add_argument("--share", action="store_true", default=None, help="also serve through a public gradio.live link [GRADIO_SHARE=True]")
@@ -170,6 +176,18 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     chat_template = pick("chat_template") or "alpaca"
     if chat_template not in CHAT_TEMPLATE_CHOICES:
         p.error(f"{ENV_VARS['chat_template']}={chat_template!r}: use {one_of(CHAT_TEMPLATE_CHOICES)}")
+    def count(name: str, minimum: int) -> int | None:
+        text = pick(name)
+        if text is None:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if not minimum <= value <= 1_000_000:
+            p.error(f"--{name.replace('_', '-')} / {ENV_VARS[name]}={text!r}: give a whole number from {minimum} to 1000000")
+        return value
+
     quantize = pick("quantize")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         p.error(f"{ENV_VARS['quantize']}={quantize!r}: use {one_of(QUANTIZE_MODES)}")
@@ -188,6 +206,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         share=a.share,
         chat_template=chat_template,
         system_prompt=pick("system_prompt") or "",
+        max_batch=count("max_batch", 1),
+        max_queue=count("max_queue", 0),
     )
 
 
@@ -204,6 +224,13 @@ class Models:
 
 
 def load_models(s: Settings) -> Models:
+    models = load_pipelines(s)
+    limits = {"max_rows": s.max_batch, "max_queue": s.max_queue}
+    models.chat.scheduler.configure(**{k: v for k, v in limits.items() if v is not None})  # the caption model shares it
+    return models
+
+
+def load_pipelines(s: Settings) -> Models:
     if s.tiny:
         print("Building the tiny random model (random weights, for trying the interface)...", flush=True)
         chat = load_tiny(s.device or "cpu", s.dtype)
@@ -386,6 +413,12 @@ def build_demo(models: Models) -> gr.Blocks:
         if not message or not message.strip():
             raise user_error("The message is empty: type a question or an instruction first.")
         check_message(message, limit)
+        if chat_pipe.scheduler.full():  # refused here, before the box is cleared: the message stays in it
+            s = chat_pipe.scheduler.stats()
+            raise user_error(
+                f"The server is busy: {s['rows']} requests are running and {s['queued']} are waiting, as many as it "
+                "takes. Your message is still in the box: send it again in a moment."
+            )
 
     def add_user_message(message: str, session: ChatSession) -> tuple[str, list[dict[str, Any]]]:
         check_new_message(message)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api
 
-from .conftest import EXAMPLE_IMAGE, FINISHED, AppServer
+from .conftest import EXAMPLE_IMAGE, FINISHED, ROOT, AppServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -155,4 +155,42 @@ def test_empty_message_shows_why(browser: object, app_server: AppServer) -> None
     wait_for_log(app_server, offset, FINISHED)
     page.wait_for_timeout(300)
     assert page.locator('#chatbot [data-testid="bot"]').count() == 1
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def one_row_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """The app serving one request at a time with no queue: a second request finds it full."""
+    server = AppServer(ROOT, tmp_path_factory.mktemp("busy") / "app.log", ("--tiny", "--max-batch", "1", "--max-queue", "0"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_full_server_keeps_the_typed_message(browser: object, one_row_server: AppServer) -> None:
+    from gradio_client import Client
+
+    client = Client(one_row_server.url, verbose=False)
+    offset = len(one_row_server.log())
+    job = client.submit("Write a very long story.", 0.0, 0.75, 2000, api_name="/chat")  # holds the only row for ~20 s
+    wait_for_log(one_row_server, offset, PROMPT_TOKENS)
+    page = open_app(browser, one_row_server.url, DESKTOP)
+    typed = "A question typed while the server is busy."
+    send(page, typed)
+    page.locator('[data-testid="toast-text"]', has_text="The server is busy").wait_for(timeout=10_000)
+    assert page.locator("#chat-input textarea").input_value() == typed
+    assert page.locator('#chatbot [data-testid="user"]').count() == 0
+    assert not job.done(), "the busy request ended before the message was sent: the test proved nothing"
+    offset = len(one_row_server.log())
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while one_row_server.log().find("cancelled after", offset) < 0:  # the row is free again
+        assert time.monotonic() < deadline, "the cancelled /chat job did not stop"
+        time.sleep(0.1)
+    offset = len(one_row_server.log())
+    page.press("#chat-input textarea", "Enter")  # the same message, sent again, is now answered
+    wait_for_log(one_row_server, offset, FINISHED)
+    assert page.locator('#chatbot [data-testid="user"]').inner_text().strip() == typed
     page.close()

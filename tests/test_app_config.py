@@ -84,3 +84,13 @@ def test_the_v1_adapter_shape_comes_from_a_flag_or_the_environment(capsys: pytes
     with pytest.raises(SystemExit) as e:
         app.parse_settings([], env={"LLAMA_ADAPTER_ADAPTER_SHAPE": "ten by thirty"})
     assert e.value.code == 2 and "is not LENxLAYERS" in capsys.readouterr().err
+
+
+def test_batch_and_queue_limits_come_from_a_flag_or_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    s = app.parse_settings(["--max-batch", "4"], env={"LLAMA_ADAPTER_MAX_QUEUE": "0"})
+    assert (s.max_batch, s.max_queue) == (4, 0)
+    assert (app.parse_settings([], env={}).max_batch, app.parse_settings([], env={}).max_queue) == (None, None)
+    for argv in (["--max-batch", "0"], ["--max-queue", "-1"], ["--max-batch", "many"]):
+        with pytest.raises(SystemExit) as e:
+            app.parse_settings(argv, env={})
+        assert e.value.code == 2 and "give a whole number from" in capsys.readouterr().err

@@ -195,7 +195,7 @@ def test_queue_is_fifo_and_a_full_queue_is_refused_with_a_message(base, limited:
     running = base.stream(PROMPTS[0], max_new_tokens=30, temperature=0)
     next(running)
     queued = [base.stream(p, max_new_tokens=5, temperature=0) for p in PROMPTS[1:3]]
-    assert limited.stats()["queued"] == 2
+    assert limited.stats()["queued"] == 2 and limited.full()
     with pytest.raises(CapacityError, match=r"max_queue=2"):
         base.stream(PROMPTS[3], max_new_tokens=5, temperature=0)
     finished: list[int] = []
@@ -211,7 +211,7 @@ def test_queue_is_fifo_and_a_full_queue_is_refused_with_a_message(base, limited:
     for t in threads:
         t.join(60)
     assert finished == [0, 1]  # first come, first admitted
-    assert limited.stats()["rows"] == 0
+    assert limited.stats()["rows"] == 0 and not limited.full()
 
 
 def test_request_too_large_for_the_cache_limit_is_refused_with_a_message(base, limited: Scheduler) -> None:

@@ -275,6 +275,11 @@ class Scheduler:
                 "max_queue": self.limits.max_queue,
             }
 
+    def full(self) -> bool:
+        """Whether ``stream()`` would now be refused for a full queue (the app asks before it takes a message)."""
+        with self._cond:
+            return len(self._queue) >= self.limits.max_queue and (bool(self._queue) or len(self._rows) >= self.limits.max_rows)
+
     def submit(self, row: Row, wait_for_room: bool = False) -> RowHandle:
         """Queue ``row``.  A row that could never fit, or a full queue (unless ``wait_for_room``), raises ``CapacityError``."""
         with self._cond:

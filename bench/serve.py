@@ -1,10 +1,10 @@
 """Serving many users: continuous batching against serving one stream at a time, same weights, same prompts.
 
-    python bench/serve.py [--configs d1024 d2048] [--streams 1 2 4 8 16] [--new-tokens 32] [--join-len 1000]
+    python bench/serve.py [--configs d1024 d2048] [--streams 1 2 4 8 16] [--new-tokens 64] [--join-len 1000]
 
 For N concurrent greedy streams (each its own thread reading a ``Pipeline``-style row handle of the
-scheduler) it measures the aggregate decode tokens/s and each stream's median and p95 time between
-tokens.  The peer is the one-at-a-time server (the app before batching): it serves N streams at the
+scheduler) it measures the aggregate decode tokens/s while all N decode, and each stream's median and
+p95 time between tokens.  The peer is the one-at-a-time server (the app before batching): it serves N streams at the
 lone stream's rate, so "vs one at a time" is the aggregate over the 1-stream figure.  Then a
 ``--join-len``-token prompt joins 4 running streams: the longest (and p95) gap those streams see while
 it is prefilled, against their median gap over 40 steps before it came; the longest gap of those 40
@@ -31,6 +31,7 @@ from llama_adapter import AdapterConfig, Transformer
 from llama_adapter.model.build import build_model, meta_model
 from llama_adapter.roles import Role, role_of
 from llama_adapter.serve.scheduler import Limits, Row, RowHandle, Scheduler, kv_bytes_per_token
+from llama_adapter.threads import in_passing_thread
 
 CONFIGS = {
     "d1024": BenchConfig("d1024 / 8 layers / 16 heads", 1024, 8, 16),
@@ -41,6 +42,7 @@ JOIN_STREAMS = 4
 CONTROL_STEPS = 40
 
 
+@in_passing_thread  # as load() builds: no OpenMP pool left in the main thread (llama_adapter/threads.py)
 def random_model(cfg: BenchConfig, seed: int = 0) -> Transformer:
     """Random fp32 weights and a prompt-only adapter (10 tokens in every layer, non-zero gates), tensor by tensor."""
     args = cfg.model_args(MAX_SEQ_LEN)
@@ -60,10 +62,14 @@ def random_model(cfg: BenchConfig, seed: int = 0) -> Transformer:
     return build_model(args, adapter, tensors(), dtype=torch.float32, device=torch.device("cpu"))
 
 
-def submit(scheduler: Scheduler, model: Transformer, prompt: list[int], n: int) -> RowHandle:
+@in_passing_thread  # as Pipeline does: no OpenMP pool in the caller's thread
+def adapter_kv(model: Transformer) -> list:
     with torch.inference_mode():
-        kv = model.adapter_kv()
-    return scheduler.submit(Row(prompt, model, kv, n, 0.0, 1.0, None))
+        return model.adapter_kv()
+
+
+def submit(scheduler: Scheduler, model: Transformer, prompt: list[int], n: int) -> RowHandle:
+    return scheduler.submit(Row(prompt, model, adapter_kv(model), n, 0.0, 1.0, None))
 
 
 def read_all(handles: list[RowHandle], stop_when: threading.Event | None = None) -> list[list[float]]:
@@ -94,12 +100,15 @@ def p95(values: list[float]) -> float:
 
 
 def concurrent(scheduler: Scheduler, model: Transformer, prompts: list[list[int]], n: int) -> tuple[float, float, float]:
-    """Aggregate decode tokens/s (once every stream has its first token), median of the streams' median gaps, worst p95 gap."""
+    """Aggregate decode tokens/s while all the streams decode (from the last one's first token to the first
+    one's last: admission, one prefill at a time, staggers them), median of the streams' median gaps, worst p95 gap."""
     handles = [submit(scheduler, model, p, n) for p in prompts]
     times = read_all(handles)
     start = max(t[0] for t in times)
-    end = max(t[-1] for t in times)
-    after = sum(1 for t in times for s in t if s > start)
+    end = min(t[-1] for t in times)
+    if end <= start:
+        raise SystemExit(f"{len(prompts)} streams never all decoded at once: raise --new-tokens above {n}")
+    after = sum(1 for t in times for s in t if start < s <= end)
     per_stream = [gaps(t) for t in times]
     return after / (end - start), statistics.median(statistics.median(g) for g in per_stream), max(p95(g) for g in per_stream)
 
@@ -193,7 +202,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--join-len", type=int, default=1000)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -21,6 +21,7 @@ from .config import AdapterConfig, ModelConfig, VisualConfig
 from .model.visual import ClipSpec
 from .serve.loading import load
 from .serve.pipeline import Pipeline
+from .threads import in_passing_thread
 from .weights.adapter import save_adapter
 
 TINY_ARGS = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=2048)
@@ -145,6 +146,7 @@ def write_tiny(out_dir: Path) -> tuple[Path, Path]:
     return base, adapter_file
 
 
+@in_passing_thread
 def load_tiny(device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None) -> Pipeline:
     """Build the tiny model in a temporary directory and load it through ``load()``; nothing stays on disk."""
     with tempfile.TemporaryDirectory(prefix="llama-adapter-tiny-") as tmp:
@@ -154,6 +156,7 @@ def load_tiny(device: str | torch.device | None = "cpu", dtype: str | torch.dtyp
     return pipe
 
 
+@in_passing_thread
 def load_tiny_captioner(chat: Pipeline) -> Pipeline:
     """A tiny random image model sharing ``chat``'s tiny base: tiny CLIP plus a multimodal adapter whose
     gates are non-zero (so the image changes the text), saved and loaded back through ``load()``."""

@@ -15,6 +15,7 @@ from ..model.probe import probe_kernels
 from ..model.quantize import check_int4_shapes, quantized_linear_names, weight_format
 from ..model.visual import ClipSpec
 from ..options import check_quantize, default_dtype, parse_device, parse_dtype
+from ..threads import in_passing_thread
 from ..weights import hub
 from ..weights.adapter import AdapterShape
 from ..weights.base import open_tokenizer, read_base_state, read_model_config
@@ -33,6 +34,7 @@ if not log.handlers:
     log.propagate = False
 
 
+@in_passing_thread
 def load_base(
     base: str | Path,
     *,
@@ -92,6 +94,7 @@ def load_base(
     return Pipeline(model, tokenizer, base=str(base), compile=compile)
 
 
+@in_passing_thread
 def load(
     base: str | Path | Pipeline,
     adapter: AdapterSource | None = None,

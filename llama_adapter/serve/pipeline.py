@@ -13,10 +13,11 @@ from ..cancel import CancelToken, check
 from ..config import AdapterConfig
 from ..inputs.images import ImageInput
 from ..inputs.tokenizer import StreamDecoder, TextTokenizer
-from ..model.llama import Transformer
+from ..model.llama import AdapterKV, Transformer
 from ..model.quantize import weight_format
 from ..model.visual import ClipSpec, VisualEncoder
 from ..options import SAMPLING
+from ..threads import in_passing_thread
 from ..weights.adapter import AdapterShape
 from .adapters import AdapterSource, attach_adapter
 from .engine import Decoder, check_sampling
@@ -226,6 +227,7 @@ class Pipeline:
         self._decoder = Decoder(model, tokenizer.pad_id, compile=True) if compile else None
         self.scheduler = scheduler or Scheduler(model, tokenizer.eos_id)
 
+    @in_passing_thread
     def with_adapter(self, adapter: AdapterSource, *, clip: ClipSpec | None = None, adapter_shape: AdapterShape | None = None) -> Pipeline:
         """A pipeline with ``adapter`` on this pipeline's base: the very same base tensors and scheduler, no copy.
 
@@ -278,6 +280,7 @@ class Pipeline:
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for p in self.adapter_tensors().values())
 
+    @in_passing_thread
     def visual_prompt(
         self, image: ImageInput | Sequence[ImageInput] | None, batch: int, cancel: CancelToken | None = None
     ) -> Tensor | None:
@@ -290,6 +293,18 @@ class Pipeline:
         if len(images) not in (1, batch):
             raise ValueError(f"got {len(images)} images for {batch} prompts: pass one image for all, or one per prompt")
         return self.visual.encode(images, cancel)
+
+    @in_passing_thread
+    def _request_kv(
+        self, image: ImageInput | Sequence[ImageInput] | None, batch: int, cancel: CancelToken | None
+    ) -> list[list[AdapterKV | None]]:
+        """Per row, the adapter K/V with the image's prompt added (rows without an image share one)."""
+        visual_prompt = self.visual_prompt(image, batch, cancel)
+        check(cancel)
+        with torch.inference_mode():
+            if visual_prompt is None or len(visual_prompt) == 1:
+                return [self.model.adapter_kv(visual_prompt)] * batch
+            return [self.model.adapter_kv(visual_prompt[i : i + 1]) for i in range(batch)]
 
     def _start(
         self,
@@ -308,16 +323,13 @@ class Pipeline:
         rows ahead of their reading (``generate`` reads them one after another).  ``cancel`` is checked
         between image preprocessing stages and before the rows are submitted."""
         check_sampling(max_new_tokens, temperature, top_p)
-        visual_prompt = self.visual_prompt(image, len(prompts), cancel)
-        check(cancel)
+        kvs = self._request_kv(image, len(prompts), cancel)
         requests = [fit_prompt(self.tokenizer.encode(p), self.max_seq_len, max_new_tokens, self.tokenizer.bos_id) for p in prompts]
         for r in requests:
             warn_truncated(r)
         with torch.inference_mode():
-            shared_kv = self.model.adapter_kv(visual_prompt) if visual_prompt is None or len(visual_prompt) == 1 else None
             rows = []
-            for i, r in enumerate(requests):
-                kv = shared_kv if shared_kv is not None else self.model.adapter_kv(visual_prompt[i : i + 1])
+            for i, (r, kv) in enumerate(zip(requests, kvs, strict=True)):
                 generator = None
                 if temperature > 0:
                     generator = torch.Generator(device=self.device)

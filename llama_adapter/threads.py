@@ -2,9 +2,9 @@
 
 Each thread that runs a parallel torch op gets an OpenMP thread pool of its own, kept until the
 thread ends. While a second pool is alive (the main thread's, say, from loading the model), the
-scheduler thread's parallel regions run far slower: on 2 cores a d1024 decode step took 63 ms
-against 36 ms with no other pool (``bench/RESULTS.md``, "OpenMP pools"). So loading and image
-encoding run in a thread that ends when they return, and takes its pool with it.
+scheduler thread's parallel regions run far slower: on 2 cores its d1024 decode step took 1.3-1.8x
+as long as with no other pool (``bench/pools.py``).  So loading, image encoding and each request's
+adapter K/V run in a thread that ends when they return, and takes its pool with it.
 """
 
 from __future__ import annotations

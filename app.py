@@ -176,6 +176,7 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
     chat_template = pick("chat_template") or "alpaca"
     if chat_template not in CHAT_TEMPLATE_CHOICES:
         p.error(f"{ENV_VARS['chat_template']}={chat_template!r}: use {one_of(CHAT_TEMPLATE_CHOICES)}")
+
     def count(name: str, minimum: int) -> int | None:
         text = pick(name)
         if text is None:

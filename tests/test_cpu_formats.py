@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,12 @@ def test_int4_tiny_model_stays_within_a_bound_of_fp32(int4_dir: Path, fp32) -> N
     assert err4.mean() < 20 * err8.mean() and err4.max() < 20 * err8.max()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_prefill_path_equals_the_decode_path(int4_dir: Path, mode: str, restore_plan) -> None:
-    """A prompt's last logits from one dequantise + GEMM forward equal those of feeding it token by token (fused kernel)."""
+@pytest.mark.parametrize(("mode", "int8_gemm"), [("int8", False), ("int8", True), ("int4", False)])
+def test_prefill_path_equals_the_decode_path(int4_dir: Path, mode: str, int8_gemm: bool, restore_plan) -> None:
+    """A prompt's last logits from one many-token forward (dequantise + GEMM, or the int8 GEMM) equal those of
+    feeding it token by token (fused kernel)."""
     pipe = llama_adapter.load(int4_dir, device="cpu", dtype="fp32", quantize=mode)
+    kernels.set_plan(replace(kernels.PLAN, int8_gemm=int8_gemm))
     model = pipe.model
     tokens = tokens_for(pipe, SAMPLE[:1])
     n = tokens.shape[1]
@@ -191,10 +194,12 @@ def test_the_probe_falls_back_when_a_kernel_is_missing(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(probe, "_done", {})
     monkeypatch.setattr(torch, "_weight_int8pack_mm", missing)
+    monkeypatch.setattr(torch, "_int_mm", missing)
     monkeypatch.setattr(probe, "onednn_linear", missing)
     args = ModelConfig(dim=1024, n_layers=1, n_heads=8, vocab_size=64)
     plan = probe.probe_kernels(args, torch.bfloat16, "int8")
     assert plan.dequant_from["int8"] == 1 and kernels.PLAN is plan  # no fused kernel: always dequantise + GEMM
+    assert not plan.int8_gemm and "dequantise + bfloat16 GEMM always" in plan.describe(torch.bfloat16, "int8")
     assert probe.probe_kernels(args, torch.float32, None).fp32_onednn is False
     # The model still computes the right products through the remaining path.
     torch.manual_seed(0)
@@ -233,3 +238,22 @@ def test_without_a_memory_figure_load_keeps_fp32(int4_dir: Path, monkeypatch: py
 
     monkeypatch.setattr("llama_adapter.serve.loading.available_memory", unknown)
     assert llama_adapter.load(int4_dir, device="cpu").dtype == torch.float32
+
+
+def test_int8_gemm_follows_the_formula_even_with_outlier_channels(restore_plan) -> None:
+    """The int8 GEMM (activations in two int8 passes) against x @ (q * scale)^T in fp32: far closer than the
+    bf16 dequantise + GEMM path, although a few channels of x are 50x the rest (as in LLaMA's activations)."""
+    torch.manual_seed(0)
+    m = probe.quantized_module("int8", torch.randn(256, 512) * 0.02, torch.bfloat16)
+    assert isinstance(m, Int8Linear)
+    x = torch.randn(2, 40, 512)
+    x[..., :4] *= 50
+    want = x @ (m.weight.float() * m.scale.float()[:, None]).t()
+    with torch.inference_mode():
+        with kernels.using(dequant_from={"int8": 2}, int8_gemm=True):
+            got = m(x)
+        with kernels.using(dequant_from={"int8": 2}, int8_gemm=False):
+            bf16 = m(x)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    err, bf16_err = (got - want).abs().max().item(), (bf16 - want).abs().max().item()
+    assert err < 1e-3 * want.abs().max().item() and err < bf16_err / 4, (err, bf16_err)

@@ -29,6 +29,9 @@ class CpuKernels:
     dequant_from: dict[str, int] = field(default_factory=lambda: {"int8": 32, "int4": 128})
     # The dtype of that GEMM.
     gemm_dtype: torch.dtype = torch.bfloat16
+    # int8's many-token path: the int8 GEMM (``quantize.Int8Linear.int_gemm``: activations as two int8
+    # passes, ``torch._int_mm``) instead of dequantise + GEMM.  Off until the probe finds it faster.
+    int8_gemm: bool = False
 
     def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
         """The choices that matter to a model of this dtype and quantize mode, in words."""
@@ -38,6 +41,8 @@ class CpuKernels:
             return f"fp32 products on {'oneDNN' if self.fp32_onednn else 'F.linear (MKL)'}"
         start = self.dequant_from[quantize]
         gemm = f"dequantise + {str(self.gemm_dtype).removeprefix('torch.')} GEMM"
+        if quantize == "int8" and self.int8_gemm:
+            gemm = "int8 GEMM (activations in two int8 passes)"
         if start == 1:
             return f"{quantize}: no fused kernel works here, {gemm} always"
         fused = f"{quantize}: fused kernel in {str(self.kernel_dtype[quantize]).removeprefix('torch.')}"

@@ -24,7 +24,8 @@ from .quantize import Int4Linear, Int8Linear, QuantizedLinear, int4_cpu_layout, 
 
 log = logging.getLogger("llama_adapter.load")
 _done: dict[tuple, CpuKernels] = {}
-TOKEN_COUNTS = (8, 32, 128, 512)  # where the dequantise + GEMM path is tried against the fused kernel
+TOKEN_COUNTS = (8, 32, 128, 512)  # where the many-token path is tried against the fused kernel
+PROMPT_TOKENS = (128, 512)  # the prompt lengths on which int8's two many-token paths are compared
 # Below this many elements per FFN matrix (tiny test models) call overhead decides, not the kernel:
 # such models keep the default plan.
 PROBE_MIN_ELEMENTS = 1 << 21
@@ -61,8 +62,15 @@ def quantized_module(mode: str, weight: torch.Tensor, kernel_dtype: torch.dtype)
     return m
 
 
-def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], plan: CpuKernels) -> tuple[torch.dtype, int]:
-    """(the fused kernel's fastest activation dtype, the token count from which dequantise + GEMM wins)."""
+def _int8_module(weight: torch.Tensor) -> Int8Linear:
+    m = quantized_module("int8", weight, torch.bfloat16)
+    assert isinstance(m, Int8Linear)
+    return m
+
+
+def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], plan: CpuKernels) -> tuple[torch.dtype, int, bool]:
+    """(the fused kernel's fastest activation dtype, the token count from which the many-token path wins,
+    whether that path is int8's int8 GEMM rather than dequantise + GEMM)."""
     weights = [torch.randn(shape) * 0.02 for shape in shapes]
     timings: dict[torch.dtype, float] = {}
     for dt in (torch.bfloat16, torch.float32):
@@ -73,23 +81,41 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], plan: CpuKernels) 
         xs = [torch.randn(1, m.in_features, dtype=dt) for m in mods]
         if all(_usable(lambda m=m, x=x: m.fused(x)) for m, x in zip(mods, xs, strict=True)):
             timings[dt] = sum(_seconds(lambda m=m, x=x: m.fused(x)) for m, x in zip(mods, xs, strict=True))
+    int_gemm = mode == "int8" and _usable(lambda: _int8_module(weights[0]).int_gemm(torch.randn(2, shapes[0][1])))
     if not timings:
-        return plan.kernel_dtype[mode], 1  # no fused kernel: dequantise always
+        return plan.kernel_dtype[mode], 1, int_gemm  # no fused kernel: the many-token path always
     kernel_dtype = min(timings, key=timings.__getitem__)
     mods = [quantized_module(mode, w, kernel_dtype) for w in weights]
-    if not all(m.can_dequantize() for m in mods):
-        return kernel_dtype, NEVER
+    dequantize = all(m.can_dequantize() for m in mods)
+    if not dequantize and not int_gemm:
+        return kernel_dtype, NEVER, False
     gemm = plan.gemm_dtype
-    for tokens in TOKEN_COUNTS:
-        fused = gemm_path = 0.0
+
+    def many_tokens(tokens: int, int8_gemm: bool) -> float:
+        """Seconds of the many-token path over both matrices."""
+        total = 0.0
         for m in mods:
             x = torch.randn(tokens, m.in_features, dtype=kernel_dtype)
-            scratch = kernels.scratch(m.out_features, m.in_features, gemm)
-            fused += _seconds(lambda m=m, x=x: m.fused(x), 1)
-            gemm_path += _seconds(lambda m=m, x=x, s=scratch: F.linear(x.to(gemm), m.dequantize(s)), 1)
-        if gemm_path < fused:
-            return kernel_dtype, tokens
-    return kernel_dtype, NEVER
+            if int8_gemm:
+                total += _seconds(lambda m=m, x=x: m.int_gemm(x), 1)  # type: ignore[attr-defined] (int8 modules)
+            else:
+                s = kernels.scratch(m.out_features, m.in_features, gemm)
+                total += _seconds(lambda m=m, x=x, s=s: F.linear(x.to(gemm), m.dequantize(s)), 1)
+        return total
+
+    def fused(tokens: int) -> float:
+        xs = [torch.randn(tokens, m.in_features, dtype=kernel_dtype) for m in mods]
+        return sum(_seconds(lambda m=m, x=x: m.fused(x), 1) for m, x in zip(mods, xs, strict=True))
+
+    # Which many-token path: the faster over prompts of PROMPT_TOKENS (the int8 GEMM computes twice the rows,
+    # so a bf16 GEMM that gains on longer prompts can overtake it).
+    use_int = int_gemm and (
+        not dequantize or sum(many_tokens(n, True) for n in PROMPT_TOKENS) <= sum(many_tokens(n, False) for n in PROMPT_TOKENS)
+    )
+    for tokens in TOKEN_COUNTS:
+        if many_tokens(tokens, use_int) < fused(tokens):
+            return kernel_dtype, tokens, use_int
+    return kernel_dtype, NEVER, False
 
 
 def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
@@ -123,11 +149,12 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:
-            kernel_dtype, threshold = _probe_mode(quantize, shapes, plan)
+            kernel_dtype, threshold, int8_gemm = _probe_mode(quantize, shapes, plan)
             plan = replace(
                 plan,
                 kernel_dtype={**plan.kernel_dtype, quantize: kernel_dtype},
                 dequant_from={**plan.dequant_from, quantize: threshold},
+                int8_gemm=int8_gemm if quantize == "int8" else plan.int8_gemm,
             )
     kernels.set_plan(plan)
     _done[key] = plan

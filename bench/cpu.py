@@ -6,7 +6,7 @@
 The random weights are ``bench/gpu.py``'s (the same generator and seed), written once as a bf16
 Meta checkpoint (``--workdir``, reused by later runs) so that every format is measured as a user
 gets it: ``llama_adapter.load`` streaming the mmapped file tensor by tensor into ``build_model``.
-One model is alive at a time.  Per format: load time and peak RSS while loading, serving RSS (with
+Each format is measured in a fresh process.  Per format: load time and peak RSS while loading, serving RSS (with
 the full-context KV cache), each as anonymous memory / total (the difference is mapped checkpoint
 pages: page cache the kernel can take back, and for bf16 the weights themselves, used in place),
 time to first token for 128- and 512-token prompts, batch-1 decode
@@ -24,6 +24,7 @@ import gc
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from common import append_results, copy_bandwidth
 from gpu import SHAPES, random_weights
+from llama_cpp import peer_rows
 
 import llama_adapter
 from llama_adapter.model import kernels
@@ -154,7 +156,7 @@ def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dic
         weights=llama_adapter.model.quantize.weight_format(pipe.model),
         plan=kernels.PLAN.describe(pipe.dtype, quantize),
         load_s=load_s,
-        load_peak=load_peak,
+        load_peak=(load_peak.anon, load_peak.total),
         serving=serving,
         ttft128=ttft128,
         ttft512=ttft512,
@@ -166,6 +168,15 @@ def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dic
     )
     del pipe, base, decoder
     gc.collect()
+    return row
+
+
+def measure_in_child(name: str, argv: list[str], workdir: Path) -> dict:
+    """``measure`` in a fresh process: no format's memory figures include what an earlier one left in the allocator."""
+    out = workdir / f"result-{name}.pt"
+    subprocess.run([sys.executable, __file__, *argv, "--child", name, "--child-out", str(out)], check=True)
+    row = torch.load(out, weights_only=True)
+    out.unlink()
     return row
 
 
@@ -207,6 +218,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/llama_adapter_bench_cpu"))
     p.add_argument("--clip", action="store_true", help="only time CLIP ViT-L/14's image encoding, fp32 against bf16")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--child", choices=list(FORMATS), help=argparse.SUPPRESS)  # measure one format, in its own process
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="llama.cpp's build/bin (llama-bench, llama-quantize): the peer's rows, see bench/llama_cpp.py",
+    )
     args_ns = p.parse_args()
     if args_ns.clip:
         out = "\n".join(clip_rows())
@@ -224,6 +243,9 @@ def main() -> None:
     prompts = {n: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (128, 512)}
 
     n = args_ns.new_tokens
+    if args_ns.child:
+        torch.save(measure(args_ns.child, ckpt, args, prompts, n), args_ns.child_out)
+        return
     lines = [
         "| format | weights | load s | peak RSS loading, anon / total GiB | serving RSS, anon / total GiB | TTFT 128 s | TTFT 512 s "
         f"| prefill tok/s (512) | decode tok/s | bound tok/s | of bound | logits vs fp32, max / mean | greedy agreement, {n} tokens |",
@@ -238,7 +260,8 @@ def main() -> None:
             why = f"it needs {need / GiB:.1f} GiB with its loading overshoot, {free / GiB:.1f} GiB is free ({source})"
             notes.append(f"{name} skipped: {why}")
             continue
-        r = measure(name, ckpt, args, prompts, n)
+        child_argv = ["--workdir", str(args_ns.workdir), "--new-tokens", str(n), *(["--small"] if args_ns.small else [])]
+        r = measure_in_child(name, child_argv, args_ns.workdir)
         # Against fp32: the prompt's logits, and fp32's greedy choice after each generated token.
         ref = fp32_reference(ckpt, args, torch.tensor([prompts[128] + r["tokens"][:-1]]))[0]
         want = ref[:128]
@@ -248,13 +271,18 @@ def main() -> None:
         rows.append(r)
         peak, serving = r["load_peak"], r["serving"]
         lines.append(
-            f"| {name} | {r['weights']} | {r['load_s']:.0f} | {peak.anon / GiB:.2f} / {peak.total / GiB:.2f} "
+            f"| {name} | {r['weights']} | {r['load_s']:.0f} | {peak[0] / GiB:.2f} / {peak[1] / GiB:.2f} "
             f"| {serving[0] / GiB:.2f} / {serving[1] / GiB:.2f} "
             f"| {r['ttft128']:.2f} | {r['ttft512']:.2f} | {512 / r['ttft512']:.1f} | {r['decode']:.2f} | {r['bound']:.2f} "
             f"| {r['decode'] / r['bound']:.0%} | {dev} | {agree:.0%} |"
         )
         print(lines[-1], f"({r['plan']})", file=sys.stderr, flush=True)  # each format as soon as it is measured
 
+    if args_ns.llama_cpp is not None:
+        bw, threads = copy_bandwidth(), torch.get_num_threads()
+        lines += peer_rows(args_ns.llama_cpp, ckpt, threads, bw)
+        notes.append(f"llama.cpp: same weights as GGUF, `llama-bench -t {threads} -p 128,512 -n 64`; copy bandwidth {bw / 1e9:.1f} GB/s")
+        print("\n".join(lines[-2:]), file=sys.stderr, flush=True)
     by = {r["format"]: r for r in rows}
     if "int8" in by and "int4" in by:
         notes.append(f"int4 decodes at {by['int4']['decode'] / by['int8']['decode']:.2f}x int8")

@@ -1,0 +1,132 @@
+"""The bench-only peer for ``bench/cpu.py --llama-cpp DIR``: llama.cpp's ``llama-bench`` on the same random 7B.
+
+Never a dependency or a test.  Build the two tools from the source that the registry's llama-cpp-python
+sdist vendors (nothing is downloaded at build time), and install the ``gguf`` writer:
+
+    pip download llama-cpp-python --no-deps --no-binary :all: && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+    cmake --build build -j --target llama-bench llama-quantize
+    pip install gguf
+
+then pass ``--llama-cpp .../build/bin``.  The bf16 Meta checkpoint that ``bench/cpu.py`` measures is
+written as an F16 GGUF (Meta's q/k row order is the one llama.cpp's "llama" RoPE expects, and its
+tokenizer.model gives the vocabulary), quantized by ``llama-quantize`` to Q8_0 and Q4_0, and each is
+run by ``llama-bench -t THREADS -p 128,512 -n 64``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+# Meta checkpoint names -> GGUF names (llama.cpp's "llama" architecture).
+LAYER_NAMES = {
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+QUANTS = ("Q8_0", "Q4_0")
+
+
+def gguf_name(name: str) -> str:
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    _, layer, rest = name.split(".", 2)
+    return f"blk.{layer}.{LAYER_NAMES[rest]}"
+
+
+def write_gguf(ckpt: Path, out: Path) -> Path:
+    """The Meta checkpoint ``ckpt`` (params.json, consolidated.00.pth, tokenizer.model) as an F16 GGUF, tensor by tensor."""
+    if out.is_file():
+        return out
+    import gguf  # bench-only: pip install gguf
+    import sentencepiece as spm
+
+    params = json.loads((ckpt / "params.json").read_text())
+    dim, n_heads = params["dim"], params["n_heads"]
+    state = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
+    ffn = state["layers.0.feed_forward.w1.weight"].shape[0]
+    writer = gguf.GGUFWriter(out.with_suffix(".part"), "llama")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(dim)
+    writer.add_block_count(params["n_layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(params.get("n_kv_heads") or n_heads)
+    writer.add_rope_dimension_count(dim // n_heads)
+    writer.add_layer_norm_rms_eps(params["norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    tokens, scores, types = [], [], []
+    for i in range(params["vocab_size"]):
+        if i < sp.get_piece_size():
+            tokens.append(sp.id_to_piece(i).encode())
+            scores.append(sp.get_score(i))
+            kind = gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.NORMAL
+            types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.BYTE if sp.is_byte(i) else kind)
+        else:  # the model's vocabulary is larger than the bench's small tokenizer: unused pieces
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    names = list(state)
+    for name in names:
+        t = state[name]
+        dtype = torch.float32 if t.dim() == 1 else torch.float16  # norms stay F32, as llama.cpp's converter keeps them
+        writer.add_tensor_info(gguf_name(name), t.shape, torch.empty(0, dtype=dtype).numpy().dtype, t.numel() * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name in names:
+        t = state[name]
+        writer.write_tensor_data((t.float() if t.dim() == 1 else t.to(torch.float16)).numpy())
+    writer.close()
+    out.with_suffix(".part").rename(out)
+    return out
+
+
+def quantize(bin_dir: Path, f16: Path, kind: str) -> Path:
+    out = f16.with_name(f"model-{kind}.gguf")
+    if not out.is_file():
+        subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), kind], check=True, capture_output=True)
+    return out
+
+
+def llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int = 64) -> tuple[dict[int, float], float]:
+    """(prefill tokens/s for 128- and 512-token prompts, decode tokens/s over ``new_tokens``): llama-bench's averages."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "128,512", "-n", str(new_tokens), "-o", "json"]
+    results = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    pp = {r["n_prompt"]: r["avg_ts"] for r in results if r["n_gen"] == 0}
+    tg = next(r["avg_ts"] for r in results if r["n_gen"] == new_tokens and r["n_prompt"] == 0)
+    return pp, tg
+
+
+def peer_rows(bin_dir: Path, ckpt: Path, threads: int, bandwidth: float) -> list[str]:
+    """One table row per quantization, in ``bench/cpu.py``'s columns ("-" where llama-bench does not measure)."""
+    f16 = write_gguf(ckpt, ckpt / "model-F16.gguf")
+    rows = []
+    for kind in QUANTS:
+        model = quantize(bin_dir, f16, kind)
+        pp, tg = llama_bench(bin_dir, model, threads)
+        bound = bandwidth / model.stat().st_size  # every weight read once per token, as for ours
+        rows.append(
+            f"| llama.cpp {kind} | llama-bench, {threads} threads | - | - | - | {128 / pp[128]:.2f} | {512 / pp[512]:.2f} "
+            f"| {pp[512]:.1f} | {tg:.2f} | {bound:.2f} | {tg / bound:.0%} | - | - |"
+        )
+    return rows

@@ -2,8 +2,8 @@
 
 Each thread that runs a parallel torch op gets an OpenMP thread pool of its own, kept until the
 thread ends. While a second pool is alive (the main thread's, say, from loading the model), the
-scheduler thread's parallel regions run far slower: on 2 cores its d1024 decode step took 1.3-1.8x
-as long as with no other pool (``bench/pools.py``).  So loading, image encoding and each request's
+scheduler thread's parallel regions run far slower: on 2 cores its d1024 decode step took about 1.35x
+as long as with no other pool (median of 4 runs; single runs 1.1-1.8x) (``bench/pools.py``).  So loading, image encoding and each request's
 adapter K/V run in a thread that ends when they return, and takes its pool with it.
 """
 

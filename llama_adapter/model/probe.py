@@ -89,19 +89,12 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], plan: CpuKernels) 
     dequantize = all(m.can_dequantize() for m in mods)
     if not dequantize and not int_gemm:
         return kernel_dtype, NEVER, False
-    gemm = plan.gemm_dtype
 
     def many_tokens(tokens: int, int8_gemm: bool) -> float:
-        """Seconds of the many-token path over both matrices."""
-        total = 0.0
-        for m in mods:
-            x = torch.randn(tokens, m.in_features, dtype=kernel_dtype)
-            if int8_gemm:
-                total += _seconds(lambda m=m, x=x: m.int_gemm(x), 1)  # type: ignore[attr-defined] (int8 modules)
-            else:
-                s = kernels.scratch(m.out_features, m.in_features, gemm)
-                total += _seconds(lambda m=m, x=x, s=s: F.linear(x.to(gemm), m.dequantize(s)), 1)
-        return total
+        """Seconds of the many-token path (with or without int8's int8 GEMM) over both matrices."""
+        path = replace(plan, int8_gemm=int8_gemm)
+        xs = [torch.randn(tokens, m.in_features, dtype=kernel_dtype) for m in mods]
+        return sum(_seconds(lambda m=m, x=x: m.many_tokens(x, path), 1) for m, x in zip(mods, xs, strict=True))
 
     def fused(tokens: int) -> float:
         xs = [torch.randn(tokens, m.in_features, dtype=kernel_dtype) for m in mods]

@@ -54,11 +54,8 @@ class QuantizedLinear(nn.Module):
             plan = kernels.PLAN
             tokens = x.numel() // self.in_features
             flat = x.reshape(tokens, self.in_features)
-            if tokens >= plan.dequant_from[self.mode] and self.mode == "int8" and plan.int8_gemm:
-                out = self.int_gemm(flat)  # type: ignore[attr-defined]
-            elif tokens >= plan.dequant_from[self.mode] and self.can_dequantize():
-                gemm = plan.gemm_dtype
-                out = F.linear(flat.to(gemm), self.dequantize(kernels.scratch(self.out_features, self.in_features, gemm)))
+            if tokens >= plan.dequant_from[self.mode] and self.can_dequantize():
+                out = self.many_tokens(flat, plan)
             else:
                 out = self.fused(flat.to(plan.kernel_dtype[self.mode]))
             out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -73,6 +70,11 @@ class QuantizedLinear(nn.Module):
 
     def can_dequantize(self) -> bool:
         return True
+
+    def many_tokens(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
+        """x [M, in] times the weight for a prompt: dequantised into the shared scratch buffer, then the GEMM."""
+        gemm = plan.gemm_dtype
+        return F.linear(x.to(gemm), self.dequantize(kernels.scratch(self.out_features, self.in_features, gemm)))
 
     def dequantize(self, out: Tensor) -> Tensor:
         """The full-precision weight [out, in] written into ``out``; returns it."""
@@ -100,6 +102,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize(self, out: Tensor) -> Tensor:
         return out.copy_(self.weight).mul_(self.scale.to(out.dtype)[:, None])
+
+    def many_tokens(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
+        return self.int_gemm(x) if plan.int8_gemm else super().many_tokens(x, plan)
 
     def int_gemm(self, x: Tensor) -> Tensor:
         """x [M, in] times the weight on the int8 GEMM, in fp32.

@@ -276,9 +276,10 @@ class Scheduler:
             }
 
     def full(self) -> bool:
-        """Whether ``stream()`` would now be refused for a full queue (the app asks before it takes a message)."""
+        """Whether ``stream()`` would now be refused for a full queue, whatever its size (the app asks before it
+        takes a message)."""
         with self._cond:
-            return len(self._queue) >= self.limits.max_queue and (bool(self._queue) or len(self._rows) >= self.limits.max_rows)
+            return self._queue_refuses(self._has_room(1))
 
     def submit(self, row: Row, wait_for_room: bool = False) -> RowHandle:
         """Queue ``row``.  A row that could never fit, or a full queue (unless ``wait_for_room``), raises ``CapacityError``."""
@@ -295,7 +296,7 @@ class Scheduler:
                     f"max_cached_tokens={limits.max_cached_tokens}: shorten the prompt or lower max_new_tokens, or raise the "
                     "limit with pipe.scheduler.configure(max_cached_tokens=...)"
                 )
-            while (self._queue or not self._has_room_for(row)) and len(self._queue) >= self.limits.max_queue:
+            while self._queue_refuses(self._has_room(row.reserve)):
                 if not wait_for_room:
                     raise CapacityError(
                         f"the server is busy: {len(self._rows)} requests are running and {len(self._queue)} are waiting, "
@@ -340,9 +341,15 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="llama-adapter-scheduler", daemon=True)
             self._thread.start()
 
-    def _has_room_for(self, row: Row) -> bool:
+    def _has_room(self, reserve: int) -> bool:
+        """Whether a row reserving ``reserve`` cached tokens could be admitted now."""
         used = sum(r.reserve for r in self._rows)
-        return len(self._rows) < self.limits.max_rows and used + row.reserve <= self.limits.max_cached_tokens
+        return len(self._rows) < self.limits.max_rows and used + reserve <= self.limits.max_cached_tokens
+
+    def _queue_refuses(self, room: bool) -> bool:
+        """Whether a new request (admissible now: ``room``) finds the queue full: it would have to wait behind
+        ``max_queue`` others, or there is no room and no place left in the queue."""
+        return (bool(self._queue) or not room) and len(self._queue) >= self.limits.max_queue
 
     def _free(self, row: Row) -> None:
         row.cache = None
@@ -355,7 +362,7 @@ class Scheduler:
         for row in [r for r in self._rows if r.cancelled]:
             self._rows.remove(row)
             self._free(row)
-        while self._queue and self._has_room_for(self._queue[0]):
+        while self._queue and self._has_room(self._queue[0].reserve):
             self._rows.append(self._queue.popleft())
             self._cond.notify_all()
         if self._queue and not self._rows:  # the limits were lowered below what the first request needs

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -210,15 +210,20 @@ class AppServer:
         self._log.close()
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory: pytest.TempPathFactory):
-    """The real app, started once for all client and browser tests."""
-    server = AppServer(ROOT, tmp_path_factory.mktemp("app") / "app.log")
+def serve_app(log_dir: Path, args: Sequence[str] = ("--tiny",)) -> Iterator[AppServer]:
+    """A fixture's body: ``app.py args`` started and ready, stopped when the fixture ends."""
+    server = AppServer(ROOT, log_dir / "app.log", args)
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """The real app, started once for all client and browser tests."""
+    yield from serve_app(tmp_path_factory.mktemp("app"))
 
 
 def write_jsonl(path: Path, records: list) -> Path:

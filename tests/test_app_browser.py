@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api
 
-from .conftest import EXAMPLE_IMAGE, FINISHED, ROOT, AppServer
+from .conftest import EXAMPLE_IMAGE, FINISHED, AppServer, serve_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -161,12 +161,7 @@ def test_empty_message_shows_why(browser: object, app_server: AppServer) -> None
 @pytest.fixture(scope="module")
 def one_row_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     """The app serving one request at a time with no queue: a second request finds it full."""
-    server = AppServer(ROOT, tmp_path_factory.mktemp("busy") / "app.log", ("--tiny", "--max-batch", "1", "--max-queue", "0"))
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from serve_app(tmp_path_factory.mktemp("busy"), ("--tiny", "--max-batch", "1", "--max-queue", "0"))
 
 
 def test_a_full_server_keeps_the_typed_message(browser: object, one_row_server: AppServer) -> None:

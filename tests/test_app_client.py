@@ -16,7 +16,7 @@ from PIL import Image
 
 from llama_adapter.tiny import write_tiny
 
-from .conftest import EXAMPLE_IMAGE, FINISHED, ROOT, STARTED, AppServer
+from .conftest import EXAMPLE_IMAGE, FINISHED, STARTED, AppServer, serve_app
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +86,7 @@ def text_only_server(tmp_path_factory: pytest.TempPathFactory):
     """The app on local weight paths (no --tiny) with a chat adapter and no image model."""
     base, adapter = write_tiny(tmp_path_factory.mktemp("weights"))
     args = ("--base", str(base), "--adapter", str(adapter), "--caption-adapter", "none", "--device", "cpu")
-    server = AppServer(ROOT, tmp_path_factory.mktemp("app_text") / "app.log", args)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from serve_app(tmp_path_factory.mktemp("app_text"), args)
 
 
 def test_local_weights_chat_and_say_no_image_model_is_loaded(text_only_server: AppServer) -> None:

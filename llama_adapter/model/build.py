@@ -14,7 +14,17 @@ from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
 from . import kernels
 from .llama import Transformer
-from .quantize import Int4Linear, Int8Linear, int4_cpu_layout, pack_int4, quantize_int4, quantize_weight, swap_to_quantized
+from .quantize import (
+    Int4Linear,
+    Int8Linear,
+    blocked_int4,
+    blocked_ok,
+    int4_cpu_layout,
+    pack_int4,
+    quantize_int4,
+    quantize_weight,
+    swap_to_quantized,
+)
 
 # With tie_word_embeddings the head's weight is the embedding's.
 TIED_EMBEDDING, TIED_HEAD = "tok_embeddings.weight", "output.weight"
@@ -32,7 +42,9 @@ def meta_model(
 
 
 def _quantize_int4(weight: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Packed int4 weight and scales for ``device``: the CPU kernel's layout and activation dtype on CPU."""
+    """Packed int4 weight and scales for ``device``: on CPU, the layout of the kernel the plan chose."""
+    if device.type == "cpu" and kernels.PLAN.ours["int4"] and blocked_ok(*weight.shape):
+        return blocked_int4(*quantize_int4(weight.to(device), torch.float32))
     cpu_kernel = device.type == "cpu" and int4_cpu_layout()
     q, scales = quantize_int4(weight.to(device), kernels.PLAN.kernel_dtype["int4"] if cpu_kernel else dtype)
     return pack_int4(q, cpu_kernel), scales
@@ -82,6 +94,9 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
         state[TIED_HEAD], state["output.scale"] = quantize_weight(state[TIED_EMBEDDING], dtype)
     elif tied and TIED_HEAD not in state:
         state[TIED_HEAD], state["output.scales_and_zeros"] = _quantize_int4(state[TIED_EMBEDDING], dtype, device)
+    for name in int4_scales & state.keys():  # int4 scales come in their layout's shape (``Int4Linear``)
+        module = modules[name.removesuffix(".scales_and_zeros")]
+        module.scales_and_zeros = torch.empty_like(state[name], device="meta")
     fresh = {n: p for n, p in model.adapter_parameters().items() if n not in state}
     for name, p in fresh.items():
         state[name] = torch.empty(p.shape, dtype=serving_dtype(name, dtype), device=device)

@@ -1,7 +1,7 @@
 """Which CPU kernel each product takes: one plan per process, measured at load by ``probe.probe_kernels``.
 
 The defaults below hold until a probe runs (tests, tiny models, training): oneDNN for fp32
-products, bf16 activations for the fused weight-only kernels, and token-count thresholds from
+products, torch's fused weight-only kernels in bf16 activations, and token-count thresholds from
 the measurements in ``bench/RESULTS.md``.
 """
 
@@ -23,7 +23,10 @@ NEVER = sys.maxsize  # a threshold no forward reaches
 class CpuKernels:
     # fp32 products on oneDNN (``linear.Linear``) rather than F.linear (MKL).
     fp32_onednn: bool = ONEDNN_LINEAR
-    # Per quantize mode: the activation dtype the fused weight-only kernel runs in.
+    # Per quantize mode: the fused product is ours (``native``: VNNI, int8 activations per block) rather
+    # than torch's.  For int4 this is decided before the weights are quantized: ours has its own layout.
+    ours: dict[str, bool] = field(default_factory=lambda: {"int8": False, "int4": False})
+    # Per quantize mode: the activation dtype torch's fused weight-only kernel runs in.
     kernel_dtype: dict[str, torch.dtype] = field(default_factory=lambda: {"int8": torch.bfloat16, "int4": torch.bfloat16})
     # Per quantize mode: from this many tokens on, dequantise into scratch and use the GEMM.
     dequant_from: dict[str, int] = field(default_factory=lambda: {"int8": 32, "int4": 128})
@@ -45,7 +48,11 @@ class CpuKernels:
             gemm = "int8 GEMM (activations in two int8 passes)"
         if start == 1:
             return f"{quantize}: no fused kernel works here, {gemm} always"
-        fused = f"{quantize}: fused kernel in {str(self.kernel_dtype[quantize]).removeprefix('torch.')}"
+        fused = (
+            f"{quantize}: our VNNI kernel (int8 activations per block)"
+            if self.ours[quantize]
+            else f"{quantize}: torch's fused kernel in {str(self.kernel_dtype[quantize]).removeprefix('torch.')}"
+        )
         return f"{fused}, {gemm} never" if start == NEVER else f"{fused} below {start} tokens, {gemm} from {start}"
 
 

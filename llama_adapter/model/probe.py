@@ -1,8 +1,9 @@
 """Choose the CPU kernels by timing the candidates on the model's own shapes, once per process.
 
-A few products on random matrices of the model's FFN shapes (both directions): a second or two
-for 7B.  A candidate that is missing from this torch build, or fails, is left out; the
-dequantise-and-GEMM path needs nothing beyond ``F.linear``, so a quantized model always has one.
+A few products on random matrices of the model's FFN shapes (both directions): a few seconds for
+7B.  A candidate that is missing (from this torch build, or our kernels where ``native`` could not
+build them), or fails, is left out; the dequantise-and-GEMM path needs nothing beyond
+``F.linear``, so a quantized model always has one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from . import kernels
+from . import kernels, native
 from .kernels import NEVER, CpuKernels
 from .linear import ONEDNN_LINEAR, onednn_linear
-from .quantize import Int4Linear, Int8Linear, QuantizedLinear, int4_cpu_layout, pack_int4, quantize_int4, quantize_weight
+from .quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    blocked_int4,
+    blocked_ok,
+    int4_cpu_layout,
+    pack_int4,
+    quantize_int4,
+    quantize_weight,
+)
 
 log = logging.getLogger("llama_adapter.load")
 _done: dict[tuple, CpuKernels] = {}
@@ -49,12 +60,16 @@ def _usable(fn: Callable[[], object]) -> bool:
         return False
 
 
-def quantized_module(mode: str, weight: torch.Tensor, kernel_dtype: torch.dtype) -> QuantizedLinear:
-    """An Int8Linear / Int4Linear on the CPU holding ``weight`` quantized (what ``build.fill`` makes)."""
+def quantized_module(mode: str, weight: torch.Tensor, kernel_dtype: torch.dtype, ours: bool = False) -> QuantizedLinear:
+    """An Int8Linear / Int4Linear on the CPU holding ``weight`` quantized (what ``build.fill`` makes);
+    with ``ours``, an int4 weight in our kernel's blocked layout."""
     out_features, in_features = weight.shape
     if mode == "int8":
         m: QuantizedLinear = Int8Linear(in_features, out_features, torch.bfloat16)
         m.weight, m.scale = quantize_weight(weight, torch.bfloat16)
+    elif ours:
+        m = Int4Linear(in_features, out_features, kernel_dtype)
+        m.weight, m.scales_and_zeros = blocked_int4(*quantize_int4(weight, torch.float32))
     else:
         m = Int4Linear(in_features, out_features, kernel_dtype)
         q, m.scales_and_zeros = quantize_int4(weight, kernel_dtype)
@@ -68,47 +83,62 @@ def _int8_module(weight: torch.Tensor) -> Int8Linear:
     return m
 
 
-def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], plan: CpuKernels) -> tuple[torch.dtype, int, bool]:
-    """(the fused kernel's fastest activation dtype, the token count from which the many-token path wins,
-    whether that path is int8's int8 GEMM rather than dequantise + GEMM)."""
+def _ours_fits(mode: str, shapes: Sequence[tuple[int, int]]) -> bool:
+    """Whether our kernel takes every probed shape (int8: widths of whole 64-byte chunks; int4: the blocked layout)."""
+    return all(k % 64 == 0 if mode == "int8" else blocked_ok(n, k) for n, k in shapes)
+
+
+def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype, plan: CpuKernels) -> CpuKernels:
+    """``plan`` with ``mode``'s choices measured: the fused kernel (ours, or torch's in its fastest activation
+    dtype), the token count from which the many-token path wins, and for int8 whether that path is the int8 GEMM."""
     weights = [torch.randn(shape) * 0.02 for shape in shapes]
-    timings: dict[torch.dtype, float] = {}
-    for dt in (torch.bfloat16, torch.float32):
+    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
+    timings: dict[tuple[bool, torch.dtype], float] = {}
+    candidates = [(False, torch.bfloat16), (False, torch.float32)]
+    if native.ops() is not None and _ours_fits(mode, shapes):
+        candidates.append((True, plan.kernel_dtype[mode]))
+    for ours, dt in candidates:
         try:
-            mods = [quantized_module(mode, w, dt) for w in weights]
+            mods = [quantized_module(mode, w, dt, ours) for w in weights]
         except (RuntimeError, NotImplementedError, AttributeError, TypeError):
             continue
-        xs = [torch.randn(1, m.in_features, dtype=dt) for m in mods]
-        if all(_usable(lambda m=m, x=x: m.fused(x)) for m, x in zip(mods, xs, strict=True)):
-            timings[dt] = sum(_seconds(lambda m=m, x=x: m.fused(x)) for m, x in zip(mods, xs, strict=True))
+        path = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: dt})
+        if all(_usable(lambda m=m, x=x, p=path: m.fused(x, p)) for m, x in zip(mods, xs, strict=True)):
+            timings[ours, dt] = sum(_seconds(lambda m=m, x=x, p=path: m.fused(x, p)) for m, x in zip(mods, xs, strict=True))
     int_gemm = mode == "int8" and _usable(lambda: _int8_module(weights[0]).int_gemm(torch.randn(2, shapes[0][1])))
-    if not timings:
-        return plan.kernel_dtype[mode], 1, int_gemm  # no fused kernel: the many-token path always
-    kernel_dtype = min(timings, key=timings.__getitem__)
-    mods = [quantized_module(mode, w, kernel_dtype) for w in weights]
+    if not timings:  # no fused kernel: the many-token path always
+        return replace(plan, dequant_from={**plan.dequant_from, mode: 1}, int8_gemm=int_gemm if mode == "int8" else plan.int8_gemm)
+    ours, kernel_dtype = min(timings, key=timings.__getitem__)
+    torch_dtypes = [dt for (o, dt) in timings if not o]
+    if ours and torch_dtypes:  # torch's kernel still serves shapes ours does not take: its fastest dtype
+        kernel_dtype = min(torch_dtypes, key=lambda dt: timings[False, dt])
+    plan = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: kernel_dtype})
+    mods = [quantized_module(mode, w, kernel_dtype, ours) for w in weights]
     dequantize = all(m.can_dequantize() for m in mods)
     if not dequantize and not int_gemm:
-        return kernel_dtype, NEVER, False
+        return replace(plan, dequant_from={**plan.dequant_from, mode: NEVER})
 
     def many_tokens(tokens: int, int8_gemm: bool) -> float:
         """Seconds of the many-token path (with or without int8's int8 GEMM) over both matrices."""
         path = replace(plan, int8_gemm=int8_gemm)
-        xs = [torch.randn(tokens, m.in_features, dtype=kernel_dtype) for m in mods]
+        xs = [torch.randn(tokens, m.in_features, dtype=dtype) for m in mods]
         return sum(_seconds(lambda m=m, x=x: m.many_tokens(x, path), 1) for m, x in zip(mods, xs, strict=True))
 
     def fused(tokens: int) -> float:
-        xs = [torch.randn(tokens, m.in_features, dtype=kernel_dtype) for m in mods]
-        return sum(_seconds(lambda m=m, x=x: m.fused(x), 1) for m, x in zip(mods, xs, strict=True))
+        xs = [torch.randn(tokens, m.in_features, dtype=dtype) for m in mods]
+        return sum(_seconds(lambda m=m, x=x: m.fused(x, plan), 1) for m, x in zip(mods, xs, strict=True))
 
     # Which many-token path: the faster over prompts of PROMPT_TOKENS (the int8 GEMM computes twice the rows,
     # so a bf16 GEMM that gains on longer prompts can overtake it).
     use_int = int_gemm and (
         not dequantize or sum(many_tokens(n, True) for n in PROMPT_TOKENS) <= sum(many_tokens(n, False) for n in PROMPT_TOKENS)
     )
-    for tokens in TOKEN_COUNTS:
-        if many_tokens(tokens, use_int) < fused(tokens):
-            return kernel_dtype, tokens, use_int
-    return kernel_dtype, NEVER, False
+    threshold = next((n for n in TOKEN_COUNTS if many_tokens(n, use_int) < fused(n)), NEVER)
+    return replace(
+        plan,
+        dequant_from={**plan.dequant_from, mode: threshold},
+        int8_gemm=(use_int and threshold != NEVER) if mode == "int8" else plan.int8_gemm,
+    )
 
 
 def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
@@ -142,13 +172,7 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:
-            kernel_dtype, threshold, int8_gemm = _probe_mode(quantize, shapes, plan)
-            plan = replace(
-                plan,
-                kernel_dtype={**plan.kernel_dtype, quantize: kernel_dtype},
-                dequant_from={**plan.dequant_from, quantize: threshold},
-                int8_gemm=int8_gemm if quantize == "int8" else plan.int8_gemm,
-            )
+            plan = _probe_mode(quantize, shapes, dtype, plan)
     kernels.set_plan(plan)
     _done[key] = plan
     log.info("CPU kernels (probed in %.1fs on %dx%d): %s", time.perf_counter() - start, *shapes[0], plan.describe(dtype, quantize))

@@ -7,10 +7,11 @@
 
 On CPU each product takes one of two paths, chosen per call by the number of tokens against the
 threshold that ``kernels.probe`` measured at load:
-- few tokens (decoding): torch's fused weight-only kernels (``_weight_int8pack_mm``,
-  ``_weight_int4pack_mm_for_cpu``), which read the quantized weight directly.  They run in the
-  activation dtype the probe found fastest (bf16: their fp32 paths stream 5-10x slower), whatever
-  the model's dtype; the input is cast to it and the output cast back.
+- few tokens (decoding): a fused weight-only kernel, which reads the quantized weight directly.
+  Either ours (``cpu_quant.cpp``, built by ``native``: int8 activations per block and VNNI dot
+  products, as llama.cpp does) or torch's (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
+  whichever the probe timed faster.  torch's run in the activation dtype the probe found fastest
+  (bf16: their fp32 paths stream 5-10x slower), whatever the model's dtype.
 - many tokens (prefill): the weight is dequantised into one reused scratch buffer and multiplied
   by the machine's GEMM (oneDNN / MKL, bf16), the right kernel for a matrix of activations.  For
   int8, where the probe finds it faster, the int8 GEMM instead (``Int8Linear.int_gemm``): no
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..roles import Role, role_of
-from . import kernels
+from . import kernels, native
 
 INT4_GROUP = 128
 # torch's CPU int4 packing interleaves blocks of this many output rows (with AVX-512 and AVX2 alike).
@@ -57,15 +58,15 @@ class QuantizedLinear(nn.Module):
             if tokens >= plan.dequant_from[self.mode] and self.can_dequantize():
                 out = self.many_tokens(flat, plan)
             else:
-                out = self.fused(flat.to(plan.kernel_dtype[self.mode]))
+                out = self.fused(flat, plan)
             out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def device_product(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def fused(self, x: Tensor) -> Tensor:
-        """x [M, in] times the quantized weight by the fused CPU kernel."""
+    def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
+        """x [M, in] times the quantized weight by the fused CPU kernel the plan chose."""
         raise NotImplementedError
 
     def can_dequantize(self) -> bool:
@@ -97,7 +98,10 @@ class Int8Linear(QuantizedLinear):
     def device_product(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
-    def fused(self, x: Tensor) -> Tensor:
+    def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
+        if plan.ours["int8"] and self.in_features % 64 == 0:
+            return native.ops().int8_linear(x, self.weight, self.scale)
+        x = x.to(plan.kernel_dtype["int8"])
         return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
 
     def dequantize(self, out: Tensor) -> Tensor:
@@ -125,9 +129,15 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """``weight`` [out, in/2] uint8: two 4-bit values q per byte, in the CPU kernel's packed order on
-    CPU (``int4_cpu_layout``) and row by row (low nibble first) elsewhere.  ``scales_and_zeros``
-    [in/group, out, 2]: w = (q - 8) * scale + zero, the CPU kernel's convention."""
+    """``weight`` [out, in/2] uint8, two 4-bit values q per byte, in one of three layouts:
+
+    - "blocked" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``scales_and_zeros`` is float16
+      [out/4, in/group, 4, 2] holding (scale, low) with w = q * scale + low;
+    - "torch" (torch's CPU kernel's packed order) and "rows" (row by row, low nibble first; other
+      devices): ``scales_and_zeros`` [in/group, out, 2] with w = (q - 8) * scale + zero.
+
+    The scales' shape tells the layouts apart, so quantized tensors shared with another model keep theirs.
+    """
 
     mode = "int4"
 
@@ -149,16 +159,27 @@ class Int4Linear(QuantizedLinear):
         w = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
         return F.linear(x, self.dequantize(w))
 
-    def fused(self, x: Tensor) -> Tensor:
+    @property
+    def layout(self) -> str:
+        if self.scales_and_zeros.dim() == 4:
+            return "blocked"
+        return "torch" if self.weight.device.type == "cpu" and int4_cpu_layout() else "rows"
+
+    def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
+        if self.layout == "blocked":
+            return native.ops().int4_linear(x, self.weight, self.scales_and_zeros)
+        x = x.to(plan.kernel_dtype["int4"])
         return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
 
     def can_dequantize(self) -> bool:
-        if self.weight.device.type != "cpu" or not int4_cpu_layout():
+        if self.layout != "torch":
             return True
         return self.out_features % _INT4_BLOCK_ROWS == 0 and cpu_unpack_ok()
 
     def dequantize(self, out: Tensor) -> Tensor:
-        q = unpack_int4(self.weight, self.weight.device.type == "cpu" and int4_cpu_layout())
+        if self.layout == "blocked":
+            return native.ops().int4_dequantize(self.weight, self.scales_and_zeros, out)
+        q = unpack_int4(self.weight, self.layout == "torch")
         groups = self.in_features // self.group
         sz = self.scales_and_zeros.to(out.dtype)
         scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [out, groups, 1]
@@ -199,6 +220,24 @@ def quantize_int4(weight: Tensor, scale_dtype: torch.dtype, group: int = INT4_GR
     q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(out_features, in_features)
     zero = low + 8 * scale
     return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(scale_dtype)
+
+
+def blocked_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize_int4``'s output in our kernel's blocked layout: (weight [out, in/2], float16 scales
+    [out/4, in/group, 4, 2] of (scale, low)).  Needs out % 4 == 0 (``blocked_ok``)."""
+    rows, cols = q.shape
+    groups = cols // INT4_GROUP
+    halves = q.view(rows // 4, 4, groups, 2, INT4_GROUP // 2)
+    packed = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
+    scale, zero = scales_and_zeros[..., 0].float().t(), scales_and_zeros[..., 1].float().t()  # [out, groups]
+    low = zero - 8 * scale  # (q - 8) * scale + zero == q * scale + low
+    sz = torch.stack([scale, low], dim=-1).view(rows // 4, 4, groups, 2).transpose(1, 2).contiguous().half()
+    return packed, sz
+
+
+def blocked_ok(out_features: int, in_features: int) -> bool:
+    """Whether a matrix of this shape can take the blocked layout (and so our int4 kernel)."""
+    return out_features % 4 == 0 and in_features % INT4_GROUP == 0
 
 
 def pack_int4(q: Tensor, cpu_layout: bool) -> Tensor:

@@ -1,0 +1,311 @@
+// Weight-only int8 / int4 products for CPU decoding on AVX-512 VNNI integer dot products.
+//
+// Built on first use for the machine it runs on (``native.py``: -march=native); torch's own
+// weight-only kernels stay the fallback, and the load-time probe picks whichever is faster.
+//
+// Why: a decode step streams every weight once, so it is bound by memory bandwidth, and the
+// kernel must consume bytes as fast as the memory delivers them.  Like llama.cpp, we quantize the
+// activations to int8 per block (one fp32 scale per block) and multiply with VPDPBUSD, which
+// leaves the cores idle enough to keep up with the memory.  torch's weight-only kernels widen
+// every weight to float first.
+//
+// Ops (namespace llama_adapter), x [M, K] float or bf16, results fp32 [M, N]:
+// - int8_linear(x, weight int8 [N, K], scale float [N]): w = q * scale[n]; activation blocks of 32.
+// - int4_linear(x, weight uint8 [N, K/2], scales half [N/4, K/128, 4, 2]): weight in the "blocked"
+//   layout below, groups of 128, w = q * scale + low; activation blocks of 128 (one per group).
+// - int4_dequantize(weight, scales, out [N, K] float or bf16): the full-precision weight, for
+//   the many-token path (dequantise into scratch, then the GEMM).
+//
+// Blocked int4 layout: rows in blocks of 4; for block b and group g, the 4 rows' 64 bytes follow
+// each other (256 bytes), so each thread reads one sequential stream (with rows of 2 KB, four
+// separate row streams ran at 14-16 GB/s on a 2-core machine, one stream at 23-25).  In the 64
+// bytes of a group, byte j holds q[j] (low nibble) and q[j + 64] (high nibble).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define LA_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kInt8Block = 32;    // activation block of int8_linear (llama.cpp's Q8_0 block)
+constexpr int64_t kGroup = 128;       // int4 group, and int4_linear's activation block
+constexpr int64_t kRows = 4;          // rows per tile (and per block of the int4 layout)
+constexpr int64_t kTileBytes = 256 << 10;  // weight bytes per parallel task: stays in L2 while every token passes
+
+void check_input(const Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+}
+
+#ifdef LA_VNNI
+
+// Activations [M, K] -> int8 q [M, K] and one scale per block (amax / 127); with sums, also
+// scale * sum(q) per block (int4's zero-point term).
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* scales, float* sums) {
+  const int64_t nb = K / block;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* p = x + m * K + b * block;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t i = 0; i < block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(p + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t i = 0; i < block; i += 16) {
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inv));  // round to nearest even
+          sum = _mm512_add_epi32(sum, v);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * K + b * block + i), _mm512_cvtsepi32_epi8(v));
+        }
+        const float s = amax / 127.f;
+        scales[m * nb + b] = s;
+        if (sums) sums[m * nb + b] = s * static_cast<float>(_mm512_reduce_add_epi32(sum));
+      }
+    }
+  });
+}
+
+struct Activations {
+  Tensor q, scales, sums;
+};
+
+Activations quantized(const Tensor& x, int64_t block, bool with_sums) {
+  const Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  Activations a{at::empty({M, K}, xf.options().dtype(at::kChar)), at::empty({M, K / block}, xf.options()), Tensor()};
+  if (with_sums) a.sums = at::empty({M, K / block}, xf.options());
+  quantize_activations(xf.data_ptr<float>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(),
+                       with_sums ? a.sums.data_ptr<float>() : nullptr);
+  return a;
+}
+
+// Row tiles of about kTileBytes each, over the two-level loop (tile of rows, then tokens by T).
+template <typename Tile>
+void over_tiles(int64_t M, int64_t N, int64_t row_bytes, Tile tile) {
+  const int64_t rows = std::max<int64_t>(kRows, (kTileBytes / row_bytes) / kRows * kRows);
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile.template run<4>(m, n0, n1);
+      switch (M - m) {
+        case 3: tile.template run<3>(m, n0, n1); break;
+        case 2: tile.template run<2>(m, n0, n1); break;
+        case 1: tile.template run<1>(m, n0, n1); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// Two blocks' scales in one vector: lanes 0-7 block b, lanes 8-15 block b + 1 (VPDPBUSD's lanes of a 64-byte chunk).
+inline __m512 pair_scales(const float* s) {
+  return _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+}
+
+struct Int8Tile {
+  const int8_t* xq;
+  const float* xs;
+  const int8_t* w;
+  const float* scale;
+  float* y;
+  int64_t K, N;
+
+  // sum_k x w = sum_b xs_b dot_b(xq, q); VPDPBUSD wants unsigned x signed: |xq| times q with xq's sign.
+  template <int T>
+  void chunk(int64_t m0, int64_t c, const __m512i& wv, __m512* acc) const {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t) {
+      const __m512i xv = _mm512_loadu_si512(xq + (m0 + t) * K + c * 64);
+      const __m512i signed_w = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
+      const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), signed_w);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scales(xs + (m0 + t) * (K / kInt8Block) + 2 * c), acc[t]);
+    }
+  }
+
+  template <int T>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t chunks = K / 64;
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows) {
+      __m512 acc[kRows][T];
+      for (auto& row : acc)
+        for (auto& a : row) a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int r = 0; r < kRows; ++r) chunk<T>(m0, c, _mm512_loadu_si512(w + (n + r) * K + c * 64), acc[r]);
+      for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) * scale[n + r];
+    }
+    for (; n < n1; ++n) {
+      __m512 acc[T];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) chunk<T>(m0, c, _mm512_loadu_si512(w + n * K + c * 64), acc);
+      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) * scale[n];
+    }
+  }
+};
+
+struct Int4Tile {
+  const int8_t* xq;
+  const float* xs;
+  const float* xsum;
+  const uint8_t* w;
+  const uint16_t* sz;  // half
+  float* y;
+  int64_t K, N;
+
+  // Per group g: sum_k x w = s_g xs_g dot_g(q, xq) + low_g xs_g sum_g(xq).
+  template <int T>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t groups = K / kGroup;
+    const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(0x0F);
+    for (int64_t n = n0; n < n1; n += kRows) {
+      __m512 acc[kRows][T];
+      float bias[kRows][T];
+      for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), bias[r][t] = 0.f;
+      const uint8_t* wb = w + (n / kRows) * groups * kRows * 64;
+      const uint16_t* sb = sz + (n / kRows) * groups * kRows * 2;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512i lo[kRows], hi[kRows];
+        float s[kRows], low[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const __m512i v = _mm512_loadu_si512(wb + (g * kRows + r) * 64);
+          lo[r] = _mm512_and_si512(v, nibble);
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          s[r] = _cvtsh_ss(sb[(g * kRows + r) * 2]);
+          low[r] = _cvtsh_ss(sb[(g * kRows + r) * 2 + 1]);
+        }
+        for (int t = 0; t < T; ++t) {
+          const int8_t* xp = xq + (m0 + t) * K + g * kGroup;
+          const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64);
+          const float sx = xs[(m0 + t) * groups + g], sum = xsum[(m0 + t) * groups + g];
+          for (int r = 0; r < kRows; ++r) {
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x0), hi[r], x1);
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[r] * sx), acc[r][t]);
+            bias[r][t] += low[r] * sum;
+          }
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r][t];
+    }
+  }
+};
+
+#endif  // LA_VNNI
+
+void check_int4(const Tensor& weight, const Tensor& scales) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
+              "int4 weight must be a contiguous uint8 [N, K/2] CPU tensor");
+  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  TORCH_CHECK(N % kRows == 0 && K % kGroup == 0, "the blocked int4 layout needs N % 4 == 0 and K % 128 == 0, got ", N, "x", K);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({N / kRows, K / kGroup, kRows, 2}),
+              "int4 scales must be contiguous float16 [N/4, K/128, 4, 2]");
+}
+
+Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "int8 weight must be a contiguous int8 [N, K] CPU tensor");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_input(x, K);
+  TORCH_CHECK(K % 64 == 0, "int8_linear needs K % 64 == 0, got ", K);
+  TORCH_CHECK(scale.numel() == N, "scale must have N = ", N, " values");
+#ifdef LA_VNNI
+  const Activations a = quantized(x, kInt8Block, false);
+  const Tensor s = scale.to(at::kFloat).contiguous();
+  Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  const Int8Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), weight.data_ptr<int8_t>(),
+                      s.data_ptr<float>(), y.data_ptr<float>(), K, N};
+  over_tiles(x.size(0), N, K, tile);
+  return y;
+#else
+  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
+#endif
+}
+
+Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) {
+  check_int4(weight, scales);
+  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  check_input(x, K);
+#ifdef LA_VNNI
+  const Activations a = quantized(x, kGroup, true);
+  Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  const Int4Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), weight.data_ptr<uint8_t>(),
+                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), y.data_ptr<float>(), K, N};
+  over_tiles(x.size(0), N, K / 2, tile);
+  return y;
+#else
+  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
+#endif
+}
+
+// bf16 by round-to-nearest-even on the bits (finite values; the compiler vectorizes it).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+Tensor& int4_dequantize(const Tensor& weight, const Tensor& scales, Tensor& out) {
+  check_int4(weight, scales);
+  const int64_t N = weight.size(0), K = 2 * weight.size(1), groups = K / kGroup;
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == at::IntArrayRef({N, K}) &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "out must be a contiguous float32 or bfloat16 [N, K] CPU tensor");
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half* sz = scales.data_ptr<at::Half>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  void* base = out.data_ptr();
+  at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
+    float row[kGroup];
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t r = 0; r < kRows; ++r) {
+          const uint8_t* p = w + ((b * groups + g) * kRows + r) * 64;
+          const float s = static_cast<float>(sz[((b * groups + g) * kRows + r) * 2]);
+          const float low = static_cast<float>(sz[((b * groups + g) * kRows + r) * 2 + 1]);
+          for (int j = 0; j < 64; ++j) {
+            row[j] = static_cast<float>(p[j] & 15) * s + low;
+            row[j + 64] = static_cast<float>(p[j] >> 4) * s + low;
+          }
+          const int64_t offset = (b * kRows + r) * K + g * kGroup;
+          if (bf16) {
+            uint16_t* o = static_cast<uint16_t*>(base) + offset;
+            for (int j = 0; j < kGroup; ++j) o[j] = to_bf16(row[j]);
+          } else {
+            std::memcpy(static_cast<float*>(base) + offset, row, sizeof(row));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llama_adapter, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor(a!) out) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+  m.impl("int4_linear", int4_linear);
+  m.impl("int4_dequantize", int4_dequantize);
+}

@@ -1,0 +1,71 @@
+"""Our CPU kernels (``cpu_quant.cpp``): built on first use for this machine, or absent.
+
+They need a C++ compiler (``g++``), ninja and a CPU with AVX-512 VNNI.  The build is torch's JIT
+extension build with ``-march=native``, cached under ``TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``) in a directory named for this source and this CPU's features, so a
+cache shared between machines never loads code built for another CPU.  It takes 10-20 s once.
+
+When they are absent (no compiler, another CPU, ``LLAMA_ADAPTER_NATIVE=0``), ``ops()`` returns None,
+logs why once, and the products run on torch's kernels: the probe only ever chooses among what works.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("llama_adapter.load")
+SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512_vnni", "f16c")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def build_name(flags: set[str]) -> str:
+    """The extension's name: one per source text and CPU feature set (the build uses -march=native)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"llama_adapter_cpu_{digest}"
+
+
+@functools.cache
+def ops() -> Any | None:
+    """``torch.ops.llama_adapter`` with our kernels, or None (the reason is logged)."""
+    if os.environ.get("LLAMA_ADAPTER_NATIVE", "1") == "0":
+        log.info("our CPU kernels: off (LLAMA_ADAPTER_NATIVE=0)")
+        return None
+    flags = cpu_flags()
+    missing = [f for f in NEEDED_FLAGS if f not in flags]
+    if missing:
+        log.info("our CPU kernels: not used, this CPU lacks %s; torch's kernels serve", ", ".join(missing))
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name=build_name(flags),
+            sources=[str(SOURCE)],
+            # -fopenmp at compile time only: at::parallel_for's OpenMP calls then bind to the libgomp torch
+            # already loaded, so the kernels share torch's thread pool instead of starting a second one.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        namespace = torch.ops.llama_adapter
+        namespace.int8_linear(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4))
+    except Exception as e:  # any build or load failure: the kernels are optional
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("our CPU kernels: could not be built (%s); torch's kernels serve. Install g++ and ninja to use them.", first)
+        return None
+    return namespace

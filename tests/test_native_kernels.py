@@ -1,0 +1,217 @@
+"""Our CPU kernels (``cpu_quant.cpp``): each product against its formula written plainly, the blocked
+int4 layout, a model decoding on them, the probe choosing them, and every way they can be absent."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import llama_adapter
+from llama_adapter import ModelConfig
+from llama_adapter.model import kernels, native, probe
+from llama_adapter.model.kernels import NEVER
+from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, blocked_int4, quantize_int4
+from llama_adapter.serve.engine import Decoder
+
+from .conftest import make_hf_model
+from .test_model import SAMPLE, tokens_for
+
+MISSING = [f for f in native.NEEDED_FLAGS if f not in native.cpu_flags()]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"this CPU lacks {MISSING}: our kernels are not built here")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = native.ops()
+    assert built is not None, "our CPU kernels did not build: the README's test command installs g++ and ninja"
+    return built
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    out = tmp_path_factory.mktemp("hf128")
+    make_hf_model(seed=3, hidden_size=128, intermediate_size=384, initializer_range=0.05).save_pretrained(out, safe_serialization=True)
+    shutil.copy(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture
+def restore_plan():
+    old = kernels.PLAN
+    yield
+    kernels.set_plan(old)
+
+
+def activations_by_formula(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels see it: per block, q = round(x * 127 / amax) in fp32, times amax / 127."""
+    xb = x.float().view(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = (xb * torch.where(amax > 0, 127 / amax, 0.0)).round()
+    return (q * (amax / 127)).view_as(x).double()
+
+
+def test_int8_product_follows_its_formula(ops) -> None:
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (260, 512), dtype=torch.int8)  # 260 rows: whole tiles of 4 and a remainder
+    scale = torch.rand(260)
+    for m in (1, 3, 4, 9):  # every token-tile size
+        x = torch.randn(m, 512)
+        x[:, 7] = 0  # a zero column, and below a whole zero block
+        x[0, 32:64] = 0
+        want = activations_by_formula(x, 32) @ w.double().t() * scale.double()
+        got = ops.int8_linear(x, w, scale)
+        assert got.dtype == torch.float32 and got.shape == (m, 260)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        exact = x.double() @ w.double().t() * scale.double()  # int8 activations per block of 32: about 1% off at worst
+        assert (got.double() - exact).abs().max() < 0.02 * exact.abs().max()
+    bf16 = torch.randn(2, 512).bfloat16()
+    torch.testing.assert_close(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale))
+
+
+def blocked_by_formula(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """w[n, k] = (q[n, k] - 8) * scale + zero (``quantize_int4``'s convention), scale and zero in float16 as the layout stores them."""
+    scale = scales_and_zeros[..., 0].float().t()
+    low = (scales_and_zeros[..., 1].float().t() - 8 * scale).half().double()
+    return (q.double().view(q.shape[0], -1, INT4_GROUP) * scale.half().double()[..., None] + low[..., None]).view_as(q)
+
+
+def test_int4_blocked_layout_product_and_dequantisation_follow_their_formulas(ops) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(132, 3 * INT4_GROUP) * 0.05
+    q, sz = quantize_int4(w, torch.float32)
+    packed, scales = blocked_int4(q, sz)
+    assert packed.shape == (132, 3 * INT4_GROUP // 2) and scales.shape == (33, 3, 4, 2) and scales.dtype == torch.float16
+    want_w = blocked_by_formula(q, sz)
+    out = torch.empty(132, 3 * INT4_GROUP)
+    assert ops.int4_dequantize(packed, scales, out) is out
+    torch.testing.assert_close(out.double(), want_w, rtol=1e-6, atol=1e-7)
+    out16 = torch.empty(132, 3 * INT4_GROUP, dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.int4_dequantize(packed, scales, out16), want_w.bfloat16(), rtol=0, atol=0)
+    step = sz[..., 0].double().t().repeat_interleave(INT4_GROUP, dim=1)
+    # Half a step, plus float16's rounding of the scale (times up to 15) and of the group's low end (|low| <= |w|).
+    assert ((want_w - w.double()).abs() <= 0.5 * step + 2**-11 * (15 * step + w.abs().max())).all()
+    for m in (1, 2, 4, 7):
+        x = torch.randn(m, 3 * INT4_GROUP)
+        want = activations_by_formula(x, INT4_GROUP) @ want_w.t()
+        got = ops.int4_linear(x, packed, scales)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda o: o.int8_linear(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4)), "K % 64 == 0"),
+        (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 128, dtype=torch.int8), torch.ones(4)), "x has 64 columns"),
+        (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must have"),
+        (lambda o: o.int8_linear(torch.randn(1, 64).half(), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)), "float32 or bfloat16"),
+        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(6, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "N % 4"),
+        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2)), "float16"),
+        (
+            lambda o: o.int4_dequantize(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half(), torch.empty(4, 64)),
+            "out must be",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_not_read_out_of_bounds(ops, call, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        call(ops)
+
+
+def test_a_model_on_our_kernels_stays_with_torchs_and_decodes_on_ours(int4_dir: Path, ops, restore_plan) -> None:
+    """int4 and int8 models built while the plan picks our kernels: int4 weights take the blocked layout,
+    logits stay close to the same model on torch's kernels, the prompt path equals the decode path, and
+    the profiler sees our ops (and not torch's) in a decode step."""
+    fp32 = llama_adapter.load(int4_dir, device="cpu", dtype="fp32")
+    tokens = tokens_for(fp32, SAMPLE)
+    with torch.inference_mode():
+        ref = fp32.model(tokens)
+    for mode, ours_op, torch_op in (
+        ("int8", "llama_adapter::int8_linear", "aten::_weight_int8pack_mm"),
+        ("int4", "llama_adapter::int4_linear", "aten::_weight_int4pack_mm_for_cpu"),
+    ):
+        kernels.set_plan(replace(kernels.PLAN, ours={"int8": False, "int4": False}, dequant_from={"int8": NEVER, "int4": NEVER}))
+        theirs = llama_adapter.load(int4_dir, device="cpu", quantize=mode)
+        kernels.set_plan(replace(kernels.PLAN, ours={"int8": True, "int4": True}))
+        pipe = llama_adapter.load(int4_dir, device="cpu", quantize=mode)
+        if mode == "int4":
+            layouts = {m.layout for m in pipe.model.modules() if isinstance(m, Int4Linear)}
+            assert layouts == {"blocked"}, layouts
+        with torch.inference_mode():
+            got = pipe.model(tokens)  # the fused kernel on every token (dequant_from is NEVER)
+            with kernels.using(dequant_from={mode: 1}):
+                many = pipe.model(tokens)  # dequantise + GEMM
+            with kernels.using(ours={"int8": False, "int4": False}):
+                old = theirs.model(tokens)
+        scale = ref.abs().max().item()
+        # Our int8 activations err about as much as torch's bf16 ones: both stay far inside the weights' own error.
+        assert (got - ref).abs().max() < 2 * (old - ref).abs().max() + 0.01 * scale
+        torch.testing.assert_close(many, got, rtol=0.05, atol=0.05 * scale)
+        assert (got.argmax(-1) == old.argmax(-1)).float().mean() > 0.9
+        steps = Decoder(pipe.model, pipe.tokenizer.pad_id).steps([[1, 5, 9]], 3, 0.0, 1.0, None)
+        next(steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            next(steps)
+        names = [e.name for e in prof.events()]
+        assert names.count(ours_op) == 7 * pipe.model.args.n_layers + 1 and torch_op not in names
+
+
+def test_an_adapter_on_a_blocked_int4_base_shares_its_tensors(int4_dir: Path, ops, restore_plan) -> None:
+    kernels.set_plan(replace(kernels.PLAN, ours={"int8": True, "int4": True}))
+    base = llama_adapter.load(int4_dir, device="cpu", quantize="int4")
+    kernels.set_plan(replace(kernels.PLAN, ours={"int8": False, "int4": False}))  # the layout comes with the tensors
+    pipe = base.with_adapter(llama_adapter.AdapterConfig(adapter_len=3, adapter_layer=2))
+    wq, base_wq = pipe.model.layers[3].attention.wq, base.model.layers[3].attention.wq
+    assert wq.layout == "blocked" and wq.scales_and_zeros.data_ptr() == base_wq.scales_and_zeros.data_ptr()
+    assert "".join(pipe.stream("the water", max_new_tokens=4, temperature=0)) == "".join(
+        base.stream("the water", max_new_tokens=4, temperature=0)
+    )  # zero gates: the adapter changes nothing
+
+
+def test_the_probe_times_our_kernels_against_torchs(ops, monkeypatch: pytest.MonkeyPatch, restore_plan) -> None:
+    """Where ours is the only fused kernel that works, the probe picks it; where it is absent, torch's."""
+
+    def missing(*args: object) -> None:
+        raise RuntimeError("not built with this kernel")
+
+    args = ModelConfig(dim=1024, n_layers=1, n_heads=8, vocab_size=64)
+    monkeypatch.setattr(probe, "_done", {})
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", missing)
+    plan = probe.probe_kernels(args, torch.bfloat16, "int4")
+    assert plan.ours["int4"] and "int4: our VNNI kernel" in plan.describe(torch.bfloat16, "int4")
+    monkeypatch.undo()  # torch's kernel back; now ours is absent
+    monkeypatch.setattr(probe, "_done", {})
+    monkeypatch.setattr(native, "ops", lambda: None)
+    plan = probe.probe_kernels(args, torch.bfloat16, "int4")
+    assert not plan.ours["int4"] and "int4: torch's fused kernel" in plan.describe(torch.bfloat16, "int4")
+
+
+def test_our_kernels_are_absent_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turned off, on a CPU without VNNI, or without a compiler: None and one log line saying why."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("llama_adapter.load").addHandler(handler)  # it does not propagate to pytest's capture
+    build = native.ops.__wrapped__
+    try:
+        monkeypatch.setenv("LLAMA_ADAPTER_NATIVE", "0")
+        assert build() is None and "LLAMA_ADAPTER_NATIVE=0" in lines[-1]
+        monkeypatch.delenv("LLAMA_ADAPTER_NATIVE")
+        monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma"})
+        assert build() is None and "lacks avx512f, avx512bw" in lines[-1]
+        monkeypatch.setattr(native, "cpu_flags", lambda: set(native.NEEDED_FLAGS))
+
+        def no_compiler(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("Ninja is required to load C++ extensions")
+
+        monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+        assert build() is None and "could not be built (Ninja is required" in lines[-1] and "Install g++ and ninja" in lines[-1]
+    finally:
+        logging.getLogger("llama_adapter.load").removeHandler(handler)
+    # Each CPU feature set gets its own build directory: -march=native code never runs on another CPU.
+    assert native.build_name({"avx512f"}) != native.build_name({"avx512f", "amx_tile"})

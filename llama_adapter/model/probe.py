@@ -8,6 +8,7 @@ build them), or fails, is left out; the dequantise-and-GEMM path needs nothing b
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import time
@@ -37,6 +38,9 @@ log = logging.getLogger("llama_adapter.load")
 _done: dict[tuple, CpuKernels] = {}
 TOKEN_COUNTS = (8, 32, 128, 512)  # where the many-token path is tried against the fused kernel
 PROMPT_TOKENS = (128, 512)  # the prompt lengths on which int8's two many-token paths are compared
+# The fused kernels are timed over this many bytes of distinct weights, more than any last-level cache: a decode
+# step streams every weight from memory, and a kernel that wins on cached weights can lose there.
+STREAM_BYTES = 256 << 20
 # Below this many elements per FFN matrix (tiny test models) call overhead decides, not the kernel:
 # such models keep the default plan.
 PROBE_MIN_ELEMENTS = 1 << 21
@@ -83,6 +87,12 @@ def _int8_module(weight: torch.Tensor) -> Int8Linear:
     return m
 
 
+def _streamed(mods: Sequence[QuantizedLinear]) -> list[QuantizedLinear]:
+    """Copies of ``mods`` (their quantized tensors cloned) adding up to ``STREAM_BYTES``."""
+    size = sum(t.numel() * t.element_size() for m in mods for t in m.buffers())
+    return [copy.deepcopy(m) for _ in range(max(1, -(-STREAM_BYTES // size))) for m in mods]
+
+
 def _ours_fits(mode: str, shapes: Sequence[tuple[int, int]]) -> bool:
     """Whether our kernel takes every probed shape (int8: widths of whole 64-byte chunks; int4: the blocked layout)."""
     return all(k % 64 == 0 if mode == "int8" else blocked_ok(n, k) for n, k in shapes)
@@ -104,7 +114,9 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
             continue
         path = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: dt})
         if all(_usable(lambda m=m, x=x, p=path: m.fused(x, p)) for m, x in zip(mods, xs, strict=True)):
-            timings[ours, dt] = sum(_seconds(lambda m=m, x=x, p=path: m.fused(x, p)) for m, x in zip(mods, xs, strict=True))
+            copies = _streamed(mods)
+            timings[ours, dt] = _seconds(lambda c=copies, p=path: [m.fused(xs[i % len(xs)], p) for i, m in enumerate(c)])
+            del copies
     int_gemm = mode == "int8" and _usable(lambda: _int8_module(weights[0]).int_gemm(torch.randn(2, shapes[0][1])))
     if not timings:  # no fused kernel: the many-token path always
         return replace(plan, dequant_from={**plan.dequant_from, mode: 1}, int8_gemm=int_gemm if mode == "int8" else plan.int8_gemm)

@@ -21,7 +21,7 @@ from ..weights.adapter import AdapterShape
 from ..weights.base import open_tokenizer, read_base_state, read_model_config
 from ..weights.state import check_state, shapes
 from .adapters import AdapterSource
-from .formats import available_memory, choose_format
+from .formats import available_memory, choose_format, release_free_memory
 from .pipeline import Pipeline
 
 # The one line per load that says which weight format and kernels were chosen and why.
@@ -82,6 +82,7 @@ def load_base(
         check_int4_shapes(skeleton, names)
     if device.type == "cpu":
         probe_kernels(args, dtype, quantize)
+        release_free_memory()  # the probe's timing copies: not under the model that is loaded next
     # To quantize, read lazily on the CPU in the file's dtype and convert matrix by matrix,
     # so the full-precision model never sits on the device.
     cpu = torch.device("cpu")
@@ -90,6 +91,7 @@ def load_base(
     check_state(shapes(skeleton.state_dict().items()), state, f"base checkpoint {base_dir}", optional=tied)
     int8, int4 = (names, []) if quantize == "int8" else ([], names)
     model = build_model(args, None, state.items(), dtype=dtype, device=device, int8=int8, int4=int4)
+    release_free_memory()
     log.info("weights: %s (%s)", weight_format(model), why)
     return Pipeline(model, tokenizer, base=str(base), compile=compile)
 

@@ -94,6 +94,15 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory, hf_model: torch.nn.Module, 
 
 
 @pytest.fixture(scope="session")
+def int4_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    """A tiny HF Llama whose widths (128, FFN 384) are multiples of the int4 group."""
+    out = tmp_path_factory.mktemp("hf128")
+    make_hf_model(seed=3, hidden_size=128, intermediate_size=384, initializer_range=0.05).save_pretrained(out, safe_serialization=True)
+    shutil.copy(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_sharded_dir(tmp_path_factory: pytest.TempPathFactory, hf_model: torch.nn.Module, tokenizer_path: Path) -> Path:
     """The same weights as ``hf_dir`` in several safetensors files plus an index."""
     out = tmp_path_factory.mktemp("hf_sharded")

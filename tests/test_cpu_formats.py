@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,19 +19,9 @@ from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, Int8Linear, int
 from llama_adapter.serve import formats
 from llama_adapter.serve.engine import Decoder
 
-from .conftest import make_hf_model
 from .test_model import SAMPLE, tokens_for
 
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def int4_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
-    """A tiny HF Llama whose widths (128, FFN 384) are multiples of the int4 group."""
-    out = tmp_path_factory.mktemp("hf128")
-    make_hf_model(seed=3, hidden_size=128, intermediate_size=384, initializer_range=0.05).save_pretrained(out, safe_serialization=True)
-    shutil.copy(tokenizer_path, out / "tokenizer.model")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ int4 layout, a model decoding on them, the probe choosing them, and every way th
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from llama_adapter.model.kernels import NEVER
 from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, blocked_int4, quantize_int4
 from llama_adapter.serve.engine import Decoder
 
-from .conftest import make_hf_model
 from .test_model import SAMPLE, tokens_for
 
 MISSING = [f for f in native.NEEDED_FLAGS if f not in native.cpu_flags()]
@@ -31,14 +29,6 @@ def ops():
     built = native.ops()
     assert built is not None, "our CPU kernels did not build: the README's test command installs g++ and ninja"
     return built
-
-
-@pytest.fixture(scope="module")
-def int4_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
-    out = tmp_path_factory.mktemp("hf128")
-    make_hf_model(seed=3, hidden_size=128, intermediate_size=384, initializer_range=0.05).save_pretrained(out, safe_serialization=True)
-    shutil.copy(tokenizer_path, out / "tokenizer.model")
-    return out
 
 
 @pytest.fixture

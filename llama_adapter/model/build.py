@@ -14,17 +14,7 @@ from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
 from . import kernels
 from .llama import Transformer
-from .quantize import (
-    Int4Linear,
-    Int8Linear,
-    blocked_int4,
-    blocked_ok,
-    int4_cpu_layout,
-    pack_int4,
-    quantize_int4,
-    quantize_weight,
-    swap_to_quantized,
-)
+from .quantize import Int4Linear, Int8Linear, int4_layout, int4_tensors, quantize_weight, swap_to_quantized
 
 # With tie_word_embeddings the head's weight is the embedding's.
 TIED_EMBEDDING, TIED_HEAD = "tok_embeddings.weight", "output.weight"
@@ -42,12 +32,9 @@ def meta_model(
 
 
 def _quantize_int4(weight: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Packed int4 weight and scales for ``device``: on CPU, the layout of the kernel the plan chose."""
-    if device.type == "cpu" and kernels.PLAN.ours["int4"] and blocked_ok(*weight.shape):
-        return blocked_int4(*quantize_int4(weight.to(device), torch.float32))
-    cpu_kernel = device.type == "cpu" and int4_cpu_layout()
-    q, scales = quantize_int4(weight.to(device), kernels.PLAN.kernel_dtype["int4"] if cpu_kernel else dtype)
-    return pack_int4(q, cpu_kernel), scales
+    """Packed int4 weight and scales for ``device``: on CPU, in the layout (and dtype) of the kernel the plan chose."""
+    layout = int4_layout(device, weight.shape, kernels.PLAN.ours["int4"])
+    return int4_tensors(weight.to(device), layout, kernels.PLAN.kernel_dtype["int4"] if layout == "torch" else dtype)
 
 
 def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: torch.dtype, device: torch.device) -> Transformer:

@@ -22,17 +22,7 @@ from ..config import ModelConfig
 from . import kernels, native
 from .kernels import NEVER, CpuKernels
 from .linear import ONEDNN_LINEAR, onednn_linear
-from .quantize import (
-    Int4Linear,
-    Int8Linear,
-    QuantizedLinear,
-    blocked_int4,
-    blocked_ok,
-    int4_cpu_layout,
-    pack_int4,
-    quantize_int4,
-    quantize_weight,
-)
+from .quantize import Int4Linear, Int8Linear, QuantizedLinear, blocked_ok, int4_layout, int4_tensors, quantize_weight
 
 log = logging.getLogger("llama_adapter.load")
 _done: dict[tuple, CpuKernels] = {}
@@ -71,13 +61,9 @@ def quantized_module(mode: str, weight: torch.Tensor, kernel_dtype: torch.dtype,
     if mode == "int8":
         m: QuantizedLinear = Int8Linear(in_features, out_features, torch.bfloat16)
         m.weight, m.scale = quantize_weight(weight, torch.bfloat16)
-    elif ours:
-        m = Int4Linear(in_features, out_features, kernel_dtype)
-        m.weight, m.scales_and_zeros = blocked_int4(*quantize_int4(weight, torch.float32))
     else:
         m = Int4Linear(in_features, out_features, kernel_dtype)
-        q, m.scales_and_zeros = quantize_int4(weight, kernel_dtype)
-        m.weight = pack_int4(q, int4_cpu_layout())
+        m.weight, m.scales_and_zeros = int4_tensors(weight, int4_layout(weight.device, weight.shape, ours), kernel_dtype)
     return m
 
 

@@ -254,6 +254,23 @@ def blocked_ok(out_features: int, in_features: int) -> bool:
     return out_features % 4 == 0 and in_features % INT4_GROUP == 0
 
 
+def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str:
+    """The layout an int4 matrix of ``shape`` takes on ``device`` (``Int4Linear``), ``ours`` if our kernel serves it."""
+    if device.type != "cpu":
+        return "rows"
+    if ours and blocked_ok(*shape):
+        return "blocked"
+    return "torch" if int4_cpu_layout() else "rows"
+
+
+def int4_tensors(weight: Tensor, layout: str, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(weight, scales_and_zeros) of ``weight`` quantized to int4 in ``layout``; the blocked layout's scales are float16."""
+    if layout == "blocked":
+        return blocked_int4(*quantize_int4(weight, torch.float32))
+    q, scales_and_zeros = quantize_int4(weight, scale_dtype)
+    return pack_int4(q, layout == "torch"), scales_and_zeros
+
+
 def pack_int4(q: Tensor, cpu_layout: bool) -> Tensor:
     """uint8 [out, in] values 0..15 -> [out, in/2] bytes: the CPU kernel's packing, or row by row."""
     if cpu_layout:

@@ -79,10 +79,11 @@ def test_int4_blocked_layout_product_and_dequantisation_follow_their_formulas(op
     assert packed.shape == (132, 3 * INT4_GROUP // 2) and scales.shape == (33, 3, 4, 2) and scales.dtype == torch.float16
     want_w = blocked_by_formula(q, sz)
     out = torch.empty(132, 3 * INT4_GROUP)
-    assert ops.int4_dequantize(packed, scales, out) is out
+    ops.int4_dequantize(packed, scales, out)
     torch.testing.assert_close(out.double(), want_w, rtol=1e-6, atol=1e-7)
     out16 = torch.empty(132, 3 * INT4_GROUP, dtype=torch.bfloat16)
-    torch.testing.assert_close(ops.int4_dequantize(packed, scales, out16), want_w.bfloat16(), rtol=0, atol=0)
+    ops.int4_dequantize(packed, scales, out16)
+    torch.testing.assert_close(out16, want_w.bfloat16(), rtol=0, atol=0)
     step = sz[..., 0].double().t().repeat_interleave(INT4_GROUP, dim=1)
     # Half a step, plus float16's rounding of the scale (times up to 15) and of the group's low end (|low| <= |w|).
     assert ((want_w - w.double()).abs() <= 0.5 * step + 2**-11 * (15 * step + w.abs().max())).all()
@@ -91,6 +92,23 @@ def test_int4_blocked_layout_product_and_dequantisation_follow_their_formulas(op
         want = activations_by_formula(x, INT4_GROUP) @ want_w.t()
         got = ops.int4_linear(x, packed, scales)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_compiled_code_calls_our_kernels(ops) -> None:
+    """torch.compile traces through our ops (their fake kernels give the shapes), as a compiled decode step does."""
+    torch.manual_seed(2)
+    w8, scale = torch.randint(-127, 128, (64, 128), dtype=torch.int8), torch.rand(64)
+    q, sz = quantize_int4(torch.randn(64, 128), torch.float32)
+    w4, s4 = blocked_int4(q, sz)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        w = torch.empty(64, 128)
+        ops.int4_dequantize(w4, s4, w)
+        return ops.int8_linear(x, w8, scale) + ops.int4_linear(x, w4, s4) + x @ w.t()
+
+    x = torch.randn(3, 128)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fake tensors and functionalization, no C++ build
+    torch.testing.assert_close(compiled(x), step(x))
 
 
 @pytest.mark.parametrize(
@@ -149,6 +167,15 @@ def test_a_model_on_our_kernels_stays_with_torchs_and_decodes_on_ours(int4_dir: 
             next(steps)
         names = [e.name for e in prof.events()]
         assert names.count(ours_op) == 7 * pipe.model.args.n_layers + 1 and torch_op not in names
+
+
+def test_a_compiled_decode_step_on_our_kernels_equals_eager(int4_dir: Path, ops, restore_plan) -> None:
+    """``--compile`` on CPU (inductor, fullgraph) with an int4 model on our kernels: the same greedy text as eager."""
+    kernels.set_plan(replace(kernels.PLAN, ours={"int8": True, "int4": True}))
+    eager = llama_adapter.load(int4_dir, device="cpu", quantize="int4")
+    compiled = llama_adapter.load(int4_dir, device="cpu", quantize="int4", compile=True)
+    want = "".join(eager.stream("the water", max_new_tokens=6, temperature=0))
+    assert "".join(compiled.stream("the water", max_new_tokens=6, temperature=0)) == want
 
 
 def test_an_adapter_on_a_blocked_int4_base_shares_its_tensors(int4_dir: Path, ops, restore_plan) -> None:

@@ -13,7 +13,7 @@
 // - int8_linear(x, weight int8 [N, K], scale float [N]): w = q * scale[n]; activation blocks of 32.
 // - int4_linear(x, weight uint8 [N, K/2], scales half [N/4, K/128, 4, 2]): weight in the "blocked"
 //   layout below, groups of 128, w = q * scale + low; activation blocks of 128 (one per group).
-// - int4_dequantize(weight, scales, out [N, K] float or bf16): the full-precision weight, for
+// - int4_dequantize(weight, scales, out [N, K] float or bf16): writes the full-precision weight into out, for
 //   the many-token path (dequantise into scratch, then the GEMM).
 //
 // Blocked int4 layout: rows in blocks of 4; for block b and group g, the 4 rows' 64 bytes follow
@@ -260,7 +260,7 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-Tensor& int4_dequantize(const Tensor& weight, const Tensor& scales, Tensor& out) {
+void int4_dequantize(const Tensor& weight, const Tensor& scales, const Tensor& out) {
   check_int4(weight, scales);
   const int64_t N = weight.size(0), K = 2 * weight.size(1), groups = K / kGroup;
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == at::IntArrayRef({N, K}) &&
@@ -293,7 +293,6 @@ Tensor& int4_dequantize(const Tensor& weight, const Tensor& scales, Tensor& out)
       }
     }
   });
-  return out;
 }
 
 }  // namespace
@@ -301,7 +300,7 @@ Tensor& int4_dequantize(const Tensor& weight, const Tensor& scales, Tensor& out)
 TORCH_LIBRARY(llama_adapter, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
-  m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor(a!) out) -> Tensor(a!)");
+  m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {

@@ -64,8 +64,25 @@ def ops() -> Any | None:
         )
         namespace = torch.ops.llama_adapter
         namespace.int8_linear(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4))
+        _register_fakes()
     except Exception as e:  # any build or load failure: the kernels are optional
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("our CPU kernels: could not be built (%s); torch's kernels serve. Install g++ and ninja to use them.", first)
         return None
     return namespace
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile's tracing, so that a compiled decode step (``--compile``) can call our kernels."""
+
+    @torch.library.register_fake("llama_adapter::int8_linear")
+    def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("llama_adapter::int4_linear")
+    def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("llama_adapter::int4_dequantize")
+    def _dequantize(weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        return None

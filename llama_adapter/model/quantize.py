@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..roles import Role, role_of
-from . import kernels, native
+from . import kernels
 
 INT4_GROUP = 128
 # torch's CPU int4 packing interleaves blocks of this many output rows (with AVX-512 and AVX2 alike).
@@ -100,7 +100,7 @@ class Int8Linear(QuantizedLinear):
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
         if plan.ours["int8"] and self.in_features % 64 == 0:
-            return native.ops().int8_linear(x, self.weight, self.scale)
+            return torch.ops.llama_adapter.int8_linear(x, self.weight, self.scale)
         x = x.to(plan.kernel_dtype["int8"])
         return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
 
@@ -167,7 +167,7 @@ class Int4Linear(QuantizedLinear):
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
         if self.layout == "blocked":
-            return native.ops().int4_linear(x, self.weight, self.scales_and_zeros)
+            return torch.ops.llama_adapter.int4_linear(x, self.weight, self.scales_and_zeros)
         x = x.to(plan.kernel_dtype["int4"])
         return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
 
@@ -178,7 +178,8 @@ class Int4Linear(QuantizedLinear):
 
     def dequantize(self, out: Tensor) -> Tensor:
         if self.layout == "blocked":
-            return native.ops().int4_dequantize(self.weight, self.scales_and_zeros, out)
+            torch.ops.llama_adapter.int4_dequantize(self.weight, self.scales_and_zeros, out)
+            return out
         q = unpack_int4(self.weight, self.layout == "torch")
         groups = self.in_features // self.group
         sz = self.scales_and_zeros.to(out.dtype)

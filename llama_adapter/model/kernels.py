@@ -35,9 +35,16 @@ class CpuKernels:
     # int8's many-token path: the int8 GEMM (``quantize.Int8Linear.int_gemm``: activations as two int8
     # passes, ``torch._int_mm``) instead of dequantise + GEMM.  Off until the probe finds it faster.
     int8_gemm: bool = False
+    # Decoding's attention (one query per row) as two matmuls and a softmax (``attention.one_query_attention``)
+    # rather than torch's SDPA kernel, which costs several times more for one query on the CPUs measured so far.
+    one_query_attention: bool = True
 
     def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
         """The choices that matter to a model of this dtype and quantize mode, in words."""
+        attention = "decoding attention as matmuls" if self.one_query_attention else "decoding attention on SDPA"
+        return f"{self._products(dtype, quantize)}; {attention}"
+
+    def _products(self, dtype: torch.dtype, quantize: str | None) -> str:
         if quantize is None:
             if dtype != torch.float32:
                 return f"{str(dtype).removeprefix('torch.')} products on F.linear"

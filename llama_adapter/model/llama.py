@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from ..config import AdapterConfig, GateActivation, ModelConfig
 from ..roles import init_fresh, is_adapter
+from .attention import attention
 from .linear import Linear
 
 AdapterKV = tuple[Tensor, Tensor]
@@ -154,8 +155,7 @@ class CacheStep:
             k, v = self.cache.update(layer, self.start, k, v)
         else:
             k, v = self.cache.update_at(layer, self.index, k, v)
-        is_causal = self.mask is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+        return attention(q, k, v, self.mask, is_causal=self.mask is None and q.shape[2] > 1)
 
 
 @dataclass
@@ -171,9 +171,9 @@ class RowAdapters:
     def add_to(self, out: Tensor, q: Tensor) -> Tensor:
         for rows, kp, vp in self.groups:
             if rows is None:
-                out = out + F.scaled_dot_product_attention(q, kp, vp)
+                out = out + attention(q, kp, vp)
             else:
-                out[rows] = out[rows] + F.scaled_dot_product_attention(q[rows], kp, vp)
+                out[rows] = out[rows] + attention(q[rows], kp, vp)
         return out
 
 
@@ -251,7 +251,7 @@ class Attention(nn.Module):
         elif adapter_kv is not None:
             kp, vp = adapter_kv
             kp, vp = kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1)
-            out = out + F.scaled_dot_product_attention(q, kp, vp)
+            out = out + attention(q, kp, vp)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from . import kernels, native
+from .attention import one_query_attention
 from .kernels import NEVER, CpuKernels
 from .linear import ONEDNN_LINEAR, onednn_linear
 from .quantize import Int4Linear, Int8Linear, QuantizedLinear, blocked_ok, int4_layout, int4_tensors, quantize_weight
@@ -152,6 +153,18 @@ def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
     return onednn < plain
 
 
+ATTENTION_POSITIONS = 256  # the cache length at which decoding's attention paths are compared
+
+
+def _probe_one_query(args: ModelConfig, dtype: torch.dtype) -> bool:
+    """Whether two matmuls and a softmax beat torch's SDPA kernel for one query over a cache (``attention``)."""
+    q = torch.randn(1, args.n_heads, 1, args.head_dim, dtype=dtype)
+    k, v = (torch.randn(1, args.kv_heads, ATTENTION_POSITIONS, args.head_dim, dtype=dtype) for _ in range(2))
+    gqa = args.kv_heads != args.n_heads
+    sdpa = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), 9)
+    return _seconds(lambda: one_query_attention(q, k, v), 9) < sdpa
+
+
 def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -> CpuKernels:
     """Time the CPU candidates on ``args``' FFN shapes, set ``kernels.PLAN`` and log the choice (once per shape).
 
@@ -167,6 +180,7 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
     start = time.perf_counter()
     plan = kernels.PLAN
     with torch.inference_mode():
+        plan = replace(plan, one_query_attention=_probe_one_query(args, dtype))
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:

@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LlamaAdapterError
+from ..model.attention import attention
 from ..model.llama import AdapterKV, KVCache, RowAdapters, Transformer
 from .engine import Decoder, sample
 
@@ -161,7 +161,7 @@ class RowsStep:
         self.caches, self.starts = caches, starts
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        t, gqa = q.shape[2], k.shape[1] != q.shape[1]
+        t = q.shape[2]
         outs = []
         for i, (cache, start) in enumerate(zip(self.caches, self.starts, strict=True)):
             keys, values = cache.update(layer, start, k[i : i + 1], v[i : i + 1])
@@ -169,7 +169,7 @@ class RowsStep:
             if t > 1 and start > 0:  # a later prefill chunk: causal, shifted by what is cached
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(start)
             causal = t > 1 and start == 0
-            outs.append(F.scaled_dot_product_attention(q[i : i + 1], keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa))
+            outs.append(attention(q[i : i + 1], keys, values, mask, is_causal=causal))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import llama_adapter
-from llama_adapter.model import kernels
+from llama_adapter import ModelConfig
+from llama_adapter.model import kernels, probe
 from llama_adapter.model.attention import attention, one_query_attention
+from llama_adapter.model.kernels import NEVER
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -39,7 +42,20 @@ def test_greedy_decoding_is_the_same_on_either_path(pipe) -> None:
     """Every decoding forward (the model's attention, the adapter's, the scheduler's rows) takes the path the plan says."""
     adapted = pipe.with_adapter(llama_adapter.AdapterConfig(adapter_len=4, adapter_layer=2))
     texts = {}
-    for on in (True, False):
-        with kernels.using(one_query_attention=on):
-            texts[on] = "".join(adapted.stream("the water of the", max_new_tokens=12, temperature=0))
-    assert texts[True] == texts[False] and texts[True]
+    for start in (1, NEVER):
+        with kernels.using(one_query_from=start):
+            texts[start] = "".join(adapted.stream("the water of the", max_new_tokens=12, temperature=0))
+    assert texts[1] == texts[NEVER] and texts[1]
+
+
+def test_the_probe_sets_where_the_matmuls_take_over() -> None:
+    """Below the chosen length attention stays on SDPA; from it on, on the matmuls (counted with the profiler)."""
+    start = probe._probe_one_query(ModelConfig(dim=512, n_heads=4, n_layers=1, vocab_size=64), torch.bfloat16)
+    assert start == NEVER or start in probe.ATTENTION_POSITIONS
+    q = torch.randn(1, 4, 1, 128)
+    short, long = (torch.randn(1, 4, n, 128) for n in (15, 16))
+    with kernels.using(one_query_from=16), profile(activities=[ProfilerActivity.CPU]) as prof:
+        attention(q, short, short)
+        attention(q, long, long)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::scaled_dot_product_attention") == 1 and names.count("aten::softmax") == 1

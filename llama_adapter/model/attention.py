@@ -1,8 +1,10 @@
 """Scaled dot-product attention, with a second path for one query per row (decoding) on CPU.
 
-torch's CPU SDPA kernel is built for many queries; with one it cost 2.5-7x what two batched
-matmuls and a softmax cost (bf16, 32 heads of 128, 50-1000 cached positions, 2-core AMD EPYC;
-``bench/RESULTS.md``).  ``kernels.PLAN.one_query_attention``, timed at load by the probe, chooses.
+torch's CPU SDPA kernel is built for many queries.  With one query in bf16 it cost 2-4x what two
+batched matmuls and a softmax cost over 64-2048 cached positions with LLaMA-7B's heads, and up to
+17x with grouped-query heads; in fp32, or over the adaption prompt's 10 positions, it was as fast
+or faster (``bench/attention.py``).  So the probe times both at load and sets the cache length
+from which the matmuls serve (``kernels.PLAN.one_query_from``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from . import kernels
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(d) [+ mask]) v for q [B, H, T, d] and k, v [B, kv_heads, S, d] (grouped-query when fewer)."""
-    if q.shape[2] == 1 and q.device.type == "cpu" and kernels.PLAN.one_query_attention:
+    if q.shape[2] == 1 and q.device.type == "cpu" and k.shape[2] >= kernels.PLAN.one_query_from:
         return one_query_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
 

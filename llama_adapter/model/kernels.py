@@ -35,13 +35,14 @@ class CpuKernels:
     # int8's many-token path: the int8 GEMM (``quantize.Int8Linear.int_gemm``: activations as two int8
     # passes, ``torch._int_mm``) instead of dequantise + GEMM.  Off until the probe finds it faster.
     int8_gemm: bool = False
-    # Decoding's attention (one query per row) as two matmuls and a softmax (``attention.one_query_attention``)
-    # rather than torch's SDPA kernel, which costs several times more for one query on the CPUs measured so far.
-    one_query_attention: bool = True
+    # From this many cached positions on, decoding's attention (one query per row) is two matmuls and a softmax
+    # (``attention.one_query_attention``) rather than torch's SDPA kernel.  SDPA until the probe finds otherwise.
+    one_query_from: int = NEVER
 
     def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
         """The choices that matter to a model of this dtype and quantize mode, in words."""
-        attention = "decoding attention as matmuls" if self.one_query_attention else "decoding attention on SDPA"
+        start = self.one_query_from
+        attention = "decoding attention on SDPA" if start == NEVER else f"decoding attention as matmuls from {start} positions"
         return f"{self._products(dtype, quantize)}; {attention}"
 
     def _products(self, dtype: torch.dtype, quantize: str | None) -> str:

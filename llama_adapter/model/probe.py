@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .linear import ONEDNN_LINEAR, onednn_linear
 from .quantize import Int4Linear, Int8Linear, QuantizedLinear, blocked_ok, int4_layout, int4_tensors, quantize_weight
 
 log = logging.getLogger("llama_adapter.load")
+K = TypeVar("K")
 _done: dict[tuple, CpuKernels] = {}
 TOKEN_COUNTS = (8, 32, 128, 512)  # where the many-token path is tried against the fused kernel
 PROMPT_TOKENS = (128, 512)  # the prompt lengths on which int8's two many-token paths are compared
@@ -45,6 +47,20 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _fastest(runs: dict[K, Callable[[], object]], rounds: int = 5) -> dict[K, float]:
+    """Each candidate's best time over ``rounds`` rounds that take every candidate in turn: on a noisy machine
+    a burst of load then slows one round of all of them, not all rounds of one."""
+    for run in runs.values():
+        run()  # warm-up
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[key] = min(best[key], time.perf_counter() - start)
+    return best
 
 
 def _usable(fn: Callable[[], object]) -> bool:
@@ -90,7 +106,7 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
     dtype), the token count from which the many-token path wins, and for int8 whether that path is the int8 GEMM."""
     weights = [torch.randn(shape) * 0.02 for shape in shapes]
     xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
-    timings: dict[tuple[bool, torch.dtype], float] = {}
+    runs: dict[tuple[bool, torch.dtype], Callable[[], object]] = {}
     candidates = [(False, torch.bfloat16), (False, torch.float32)]
     if native.ops() is not None and _ours_fits(mode, shapes):
         candidates.append((True, plan.kernel_dtype[mode]))
@@ -102,8 +118,9 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
         path = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: dt})
         if all(_usable(lambda m=m, x=x, p=path: m.fused(x, p)) for m, x in zip(mods, xs, strict=True)):
             copies = _streamed(mods)
-            timings[ours, dt] = _seconds(lambda c=copies, p=path: [m.fused(xs[i % len(xs)], p) for i, m in enumerate(c)])
-            del copies
+            runs[ours, dt] = lambda c=copies, p=path: [m.fused(xs[i % len(xs)], p) for i, m in enumerate(c)]
+    timings = _fastest(runs)
+    del runs
     int_gemm = mode == "int8" and _usable(lambda: _int8_module(weights[0]).int_gemm(torch.randn(2, shapes[0][1])))
     if not timings:  # no fused kernel: the many-token path always
         return replace(plan, dequant_from={**plan.dequant_from, mode: 1}, int8_gemm=int_gemm if mode == "int8" else plan.int8_gemm)
@@ -153,16 +170,26 @@ def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
     return onednn < plain
 
 
-ATTENTION_POSITIONS = 256  # the cache length at which decoding's attention paths are compared
+ATTENTION_POSITIONS = (16, 64, 256, 1024)  # cache lengths at which decoding's two attention paths are compared
 
 
-def _probe_one_query(args: ModelConfig, dtype: torch.dtype) -> bool:
-    """Whether two matmuls and a softmax beat torch's SDPA kernel for one query over a cache (``attention``)."""
-    q = torch.randn(1, args.n_heads, 1, args.head_dim, dtype=dtype)
-    k, v = (torch.randn(1, args.kv_heads, ATTENTION_POSITIONS, args.head_dim, dtype=dtype) for _ in range(2))
+def _probe_one_query(args: ModelConfig, dtype: torch.dtype) -> int:
+    """The first cache length at which two matmuls and a softmax beat torch's SDPA kernel for one query
+    (``attention``), or NEVER."""
     gqa = args.kv_heads != args.n_heads
-    sdpa = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), 9)
-    return _seconds(lambda: one_query_attention(q, k, v), 9) < sdpa
+    for positions in ATTENTION_POSITIONS:
+        q = torch.randn(1, args.n_heads, 1, args.head_dim, dtype=dtype)
+        k, v = (torch.randn(1, args.kv_heads, positions, args.head_dim, dtype=dtype) for _ in range(2))
+        best = _fastest(
+            {
+                "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
+                "matmuls": lambda q=q, k=k, v=v: one_query_attention(q, k, v),
+            },
+            rounds=9,
+        )
+        if best["matmuls"] < best["sdpa"]:
+            return positions
+    return NEVER
 
 
 def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -> CpuKernels:
@@ -180,7 +207,7 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
     start = time.perf_counter()
     plan = kernels.PLAN
     with torch.inference_mode():
-        plan = replace(plan, one_query_attention=_probe_one_query(args, dtype))
+        plan = replace(plan, one_query_from=_probe_one_query(args, dtype))
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:

@@ -62,6 +62,9 @@ def test_int8_product_follows_its_formula(ops) -> None:
         assert (got.double() - exact).abs().max() < 0.02 * exact.abs().max()
     bf16 = torch.randn(2, 512).bfloat16()
     torch.testing.assert_close(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale))
+    # A bf16 scale (the module's buffer in a bf16 model) is read as the fp32 value it holds.
+    x, scale16 = torch.randn(3, 512), scale.bfloat16()
+    torch.testing.assert_close(ops.int8_linear(x, w, scale16), ops.int8_linear(x, w, scale16.float()), rtol=0, atol=0)
 
 
 def blocked_by_formula(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,7 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
     [
         (lambda o: o.int8_linear(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4)), "K % 64 == 0"),
         (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 128, dtype=torch.int8), torch.ones(4)), "x has 64 columns"),
-        (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must have"),
+        (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must be"),
         (lambda o: o.int8_linear(torch.randn(1, 64).half(), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)), "float32 or bfloat16"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(6, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "N % 4"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2)), "float16"),

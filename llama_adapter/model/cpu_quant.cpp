@@ -10,7 +10,7 @@
 // every weight to float first.
 //
 // Ops (namespace llama_adapter), x [M, K] float or bf16, results fp32 [M, N]:
-// - int8_linear(x, weight int8 [N, K], scale float [N]): w = q * scale[n]; activation blocks of 32.
+// - int8_linear(x, weight int8 [N, K], scale float or bf16 [N]): w = q * scale[n]; activation blocks of 32.
 // - int4_linear(x, weight uint8 [N, K/2], scales half [N/4, K/128, 4, 2]): weight in the "blocked"
 //   layout below, groups of 128, w = q * scale + low; activation blocks of 128 (one per group).
 // - int4_dequantize(weight, scales, out [N, K] float or bf16): writes the full-precision weight into out, for
@@ -119,9 +119,18 @@ struct Int8Tile {
   const int8_t* xq;
   const float* xs;
   const int8_t* w;
-  const float* scale;
+  const void* scale;  // float or bf16 (the module's own buffer: no per-call conversion)
+  bool scale_bf16;
   float* y;
   int64_t K, N;
+
+  float scale_at(int64_t n) const {
+    if (!scale_bf16) return static_cast<const float*>(scale)[n];
+    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(scale)[n]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
 
   // sum_k x w = sum_b xs_b dot_b(xq, q); VPDPBUSD wants unsigned x signed: |xq| times q with xq's sign.
   template <int T>
@@ -146,13 +155,13 @@ struct Int8Tile {
       for (int64_t c = 0; c < chunks; ++c)
         for (int r = 0; r < kRows; ++r) chunk<T>(m0, c, _mm512_loadu_si512(w + (n + r) * K + c * 64), acc[r]);
       for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) * scale[n + r];
+        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) * scale_at(n + r);
     }
     for (; n < n1; ++n) {
       __m512 acc[T];
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) chunk<T>(m0, c, _mm512_loadu_si512(w + n * K + c * 64), acc);
-      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) * scale[n];
+      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) * scale_at(n);
     }
   }
 };
@@ -223,13 +232,13 @@ Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
   const int64_t N = weight.size(0), K = weight.size(1);
   check_input(x, K);
   TORCH_CHECK(K % 64 == 0, "int8_linear needs K % 64 == 0, got ", K);
-  TORCH_CHECK(scale.numel() == N, "scale must have N = ", N, " values");
+  TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
+              "scale must be a contiguous float32 or bfloat16 tensor of N = ", N, " values");
 #ifdef LA_VNNI
   const Activations a = quantized(x, kInt8Block, false);
-  const Tensor s = scale.to(at::kFloat).contiguous();
   Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   const Int8Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), weight.data_ptr<int8_t>(),
-                      s.data_ptr<float>(), y.data_ptr<float>(), K, N};
+                      scale.data_ptr(), scale.scalar_type() == at::kBFloat16, y.data_ptr<float>(), K, N};
   over_tiles(x.size(0), N, K, tile);
   return y;
 #else

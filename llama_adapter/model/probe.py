@@ -24,7 +24,7 @@ from . import kernels, native
 from .attention import one_query_attention
 from .kernels import NEVER, CpuKernels
 from .linear import ONEDNN_LINEAR, onednn_linear
-from .quantize import Int4Linear, Int8Linear, QuantizedLinear, blocked_ok, int4_layout, int4_tensors, quantize_weight
+from .quantize import Int4Linear, Int8Linear, QuantizedLinear, int4_layout, int4_tensors, ours_fits, quantize_weight
 
 log = logging.getLogger("llama_adapter.load")
 K = TypeVar("K")
@@ -96,11 +96,6 @@ def _streamed(mods: Sequence[QuantizedLinear]) -> list[QuantizedLinear]:
     return [copy.deepcopy(m) for _ in range(max(1, -(-STREAM_BYTES // size))) for m in mods]
 
 
-def _ours_fits(mode: str, shapes: Sequence[tuple[int, int]]) -> bool:
-    """Whether our kernel takes every probed shape (int8: widths of whole 64-byte chunks; int4: the blocked layout)."""
-    return all(k % 64 == 0 if mode == "int8" else blocked_ok(n, k) for n, k in shapes)
-
-
 def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype, plan: CpuKernels) -> CpuKernels:
     """``plan`` with ``mode``'s choices measured: the fused kernel (ours, or torch's in its fastest activation
     dtype), the token count from which the many-token path wins, and for int8 whether that path is the int8 GEMM."""
@@ -108,7 +103,7 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
     xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
     runs: dict[tuple[bool, torch.dtype], Callable[[], object]] = {}
     candidates = [(False, torch.bfloat16), (False, torch.float32)]
-    if native.ops() is not None and _ours_fits(mode, shapes):
+    if native.ops() is not None and all(ours_fits(mode, *shape) for shape in shapes):
         candidates.append((True, plan.kernel_dtype[mode]))
     for ours, dt in candidates:
         try:

@@ -99,7 +99,7 @@ class Int8Linear(QuantizedLinear):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
-        if plan.ours["int8"] and self.in_features % 64 == 0:
+        if plan.ours["int8"] and ours_fits("int8", self.out_features, self.in_features):
             return torch.ops.llama_adapter.int8_linear(x, self.weight, self.scale)
         x = x.to(plan.kernel_dtype["int8"])
         return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
@@ -239,7 +239,7 @@ def quantize_int4(weight: Tensor, scale_dtype: torch.dtype, group: int = INT4_GR
 
 def blocked_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
     """``quantize_int4``'s output in our kernel's blocked layout: (weight [out, in/2], float16 scales
-    [out/4, in/group, 4, 2] of (scale, low)).  Needs out % 4 == 0 (``blocked_ok``)."""
+    [out/4, in/group, 4, 2] of (scale, low)).  Needs out % 4 == 0 (``ours_fits``)."""
     rows, cols = q.shape
     groups = cols // INT4_GROUP
     halves = q.view(rows // 4, 4, groups, 2, INT4_GROUP // 2)
@@ -250,8 +250,11 @@ def blocked_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
     return packed, sz
 
 
-def blocked_ok(out_features: int, in_features: int) -> bool:
-    """Whether a matrix of this shape can take the blocked layout (and so our int4 kernel)."""
+def ours_fits(mode: str, out_features: int, in_features: int) -> bool:
+    """Whether our kernel takes a matrix of this shape: int8 rows of whole 64-byte chunks; int4 the blocked
+    layout (rows in fours, whole groups)."""
+    if mode == "int8":
+        return in_features % 64 == 0
     return out_features % 4 == 0 and in_features % INT4_GROUP == 0
 
 
@@ -259,7 +262,7 @@ def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str
     """The layout an int4 matrix of ``shape`` takes on ``device`` (``Int4Linear``), ``ours`` if our kernel serves it."""
     if device.type != "cpu":
         return "rows"
-    if ours and blocked_ok(*shape):
+    if ours and ours_fits("int4", *shape):
         return "blocked"
     return "torch" if int4_cpu_layout() else "rows"
 

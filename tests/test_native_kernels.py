@@ -1,5 +1,6 @@
-"""Our CPU kernels (``cpu_quant.cpp``): each product against its formula written plainly, the blocked
-int4 layout, a model decoding on them, the probe choosing them, and every way they can be absent."""
+"""Our CPU kernels (``cpu_quant.cpp``, ``cpu_attention.cpp``): each product against its formula written plainly,
+the blocked int4 layout, a model decoding on them, the probe choosing them, and every way they can be absent.
+The attention kernel's own tests are with the other attention paths (``test_attention.py``)."""
 
 from __future__ import annotations
 
@@ -104,10 +105,13 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
     q, sz = quantize_int4(torch.randn(64, 128), torch.float32)
     w4, s4 = blocked_int4(q, sz)
 
+    cache = torch.randn(3, 2, 10, 32)
+
     def step(x: torch.Tensor) -> torch.Tensor:
         w = torch.empty(64, 128)
         ops.int4_dequantize(w4, s4, w)
-        return ops.int8_linear(x, w8, scale) + ops.int4_linear(x, w4, s4) + x @ w.t()
+        y = ops.int8_linear(x, w8, scale) + ops.int4_linear(x, w4, s4) + x @ w.t()
+        return ops.one_query_attention(y.view(3, 2, 1, 32), cache[:, :, :7], cache[:, :, 3:], None).view(3, 64)
 
     x = torch.randn(3, 128)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fake tensors and functionalization, no C++ build
@@ -127,6 +131,14 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
             lambda o: o.int4_dequantize(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half(), torch.empty(4, 64)),
             "out must be",
         ),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 2, 16), *[torch.randn(1, 4, 5, 16)] * 2, None), "one query per row"),
+        (lambda o: o.one_query_attention(torch.randn(1, 6, 1, 16), *[torch.randn(1, 4, 5, 16)] * 2, None), "not a multiple"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 5, 16), torch.randn(1, 4, 6, 16), None), "differ"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16).bfloat16(), *[torch.randn(1, 4, 5, 16)] * 2, None), "all be float32"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16), *[torch.randn(1, 4, 16, 5).mT] * 2, None), "contiguous last"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 272), *[torch.randn(1, 4, 5, 272)] * 2, None), "up to 256"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16), *[torch.randn(1, 4, 0, 16)] * 2, None), "no cached positions"),
+        (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16), *[torch.randn(1, 4, 5, 16)] * 2, torch.ones(1, 4)), "mask must be"),
     ],
 )
 def test_bad_arguments_are_refused_not_read_out_of_bounds(ops, call, message: str) -> None:

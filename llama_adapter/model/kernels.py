@@ -35,14 +35,16 @@ class CpuKernels:
     # int8's many-token path: the int8 GEMM (``quantize.Int8Linear.int_gemm``: activations as two int8
     # passes, ``torch._int_mm``) instead of dequantise + GEMM.  Off until the probe finds it faster.
     int8_gemm: bool = False
-    # From this many cached positions on, decoding's attention (one query per row) is two matmuls and a softmax
-    # (``attention.one_query_attention``) rather than torch's SDPA kernel.  SDPA until the probe finds otherwise.
+    # From this many cached positions on, decoding's attention (one query per row) runs on ``one_query`` rather
+    # than torch's SDPA kernel: "ours" (``native``: reads the cache in place) or "matmuls" (two batched matmuls
+    # and a softmax, ``attention.matmul_attention``).  SDPA until the probe finds otherwise.
+    one_query: str = "matmuls"
     one_query_from: int = NEVER
 
     def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
         """The choices that matter to a model of this dtype and quantize mode, in words."""
-        start = self.one_query_from
-        attention = "decoding attention on SDPA" if start == NEVER else f"decoding attention as matmuls from {start} positions"
+        start, kernel = self.one_query_from, "our kernel" if self.one_query == "ours" else "matmuls"
+        attention = "decoding attention on SDPA" if start == NEVER else f"decoding attention on {kernel} from {start} positions"
         return f"{self._products(dtype, quantize)}; {attention}"
 
     def _products(self, dtype: torch.dtype, quantize: str | None) -> str:

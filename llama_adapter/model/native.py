@@ -1,4 +1,4 @@
-"""Our CPU kernels (``cpu_quant.cpp``): built on first use for this machine, or absent.
+"""Our CPU kernels (``cpu_quant.cpp``, ``cpu_attention.cpp``): built on first use for this machine, or absent.
 
 They need a C++ compiler (``g++``), ninja and a CPU with AVX-512 VNNI.  The build is torch's JIT
 extension build with ``-march=native``, cached under ``TORCH_EXTENSIONS_DIR`` (by default
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger("llama_adapter.load")
-SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_attention.cpp")]
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512_vnni", "f16c")
 
 
@@ -35,7 +35,7 @@ def cpu_flags() -> set[str]:
 
 def build_name(flags: set[str]) -> str:
     """The extension's name: one per source text and CPU feature set (the build uses -march=native)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(flags)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(sorted(flags)).encode()).hexdigest()[:12]
     return f"llama_adapter_cpu_{digest}"
 
 
@@ -55,7 +55,7 @@ def ops() -> Any | None:
 
         load(
             name=build_name(flags),
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             # -fopenmp at compile time only: at::parallel_for's OpenMP calls then bind to the libgomp torch
             # already loaded, so the kernels share torch's thread pool instead of starting a second one.
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -82,6 +82,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llama_adapter::int4_linear")
     def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("llama_adapter::one_query_attention")
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llama_adapter::int4_dequantize")
     def _dequantize(weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:

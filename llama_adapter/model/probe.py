@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from . import kernels, native
-from .attention import one_query_attention
+from .attention import OURS_DTYPES, matmul_attention, ours_attention
 from .kernels import NEVER, CpuKernels
 from .linear import ONEDNN_LINEAR, onednn_linear
 from .quantize import Int4Linear, Int8Linear, QuantizedLinear, int4_layout, int4_tensors, ours_fits, quantize_weight
@@ -165,26 +166,34 @@ def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
     return onednn < plain
 
 
-ATTENTION_POSITIONS = (16, 64, 256, 1024)  # cache lengths at which decoding's two attention paths are compared
+ATTENTION_POSITIONS = (8, 64, 256, 1024)  # cache lengths at which decoding's attention paths are compared
 
 
-def _probe_one_query(args: ModelConfig, dtype: torch.dtype) -> int:
-    """The first cache length at which two matmuls and a softmax beat torch's SDPA kernel for one query
-    (``attention``), or NEVER."""
+def _probe_one_query(args: ModelConfig, dtype: torch.dtype) -> tuple[str, int]:
+    """Decoding's attention (one query per row, ``attention``): the faster of our kernel and the matmuls over
+    ``ATTENTION_POSITIONS``, and the first cache length from which it beats torch's SDPA kernel (or NEVER).
+
+    Timed on slices of a longer cache, strided as the model's preallocated cache is: a copy that a kernel makes
+    of a strided slice is part of its cost."""
     gqa = args.kv_heads != args.n_heads
+    runs: dict[tuple[str, int], Callable[[], object]] = {}
+    cache_len = 2 * ATTENTION_POSITIONS[-1]
+    cache_k, cache_v = (torch.randn(1, args.kv_heads, cache_len, args.head_dim, dtype=dtype) for _ in range(2))
+    q = torch.randn(1, args.n_heads, 1, args.head_dim, dtype=dtype)
+    candidates = {"sdpa": partial(F.scaled_dot_product_attention, enable_gqa=gqa), "matmuls": matmul_attention}
+    if native.ops() is not None and dtype in OURS_DTYPES:
+        candidates["ours"] = ours_attention
     for positions in ATTENTION_POSITIONS:
-        q = torch.randn(1, args.n_heads, 1, args.head_dim, dtype=dtype)
-        k, v = (torch.randn(1, args.kv_heads, positions, args.head_dim, dtype=dtype) for _ in range(2))
-        best = _fastest(
-            {
-                "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa),
-                "matmuls": lambda q=q, k=k, v=v: one_query_attention(q, k, v),
-            },
-            rounds=9,
-        )
-        if best["matmuls"] < best["sdpa"]:
-            return positions
-    return NEVER
+        k, v = cache_k[:, :, :positions], cache_v[:, :, :positions]
+        for name, fn in candidates.items():
+            if _usable(lambda fn=fn, k=k, v=v: fn(q, k, v)):
+                runs[name, positions] = lambda fn=fn, k=k, v=v: fn(q, k, v)
+    best = _fastest(runs, rounds=9)
+    totals = {name: sum(best.get((name, n), float("inf")) for n in ATTENTION_POSITIONS) for name in candidates if name != "sdpa"}
+    kernel = min(totals, key=totals.__getitem__)
+    inf = float("inf")  # a candidate that failed at a length
+    start = next((n for n in ATTENTION_POSITIONS if best.get((kernel, n), inf) < best.get(("sdpa", n), inf)), NEVER)
+    return kernel, start
 
 
 def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -> CpuKernels:
@@ -202,7 +211,8 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
     start = time.perf_counter()
     plan = kernels.PLAN
     with torch.inference_mode():
-        plan = replace(plan, one_query_from=_probe_one_query(args, dtype))
+        one_query, one_query_from = _probe_one_query(args, dtype)
+        plan = replace(plan, one_query=one_query, one_query_from=one_query_from)
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:

@@ -16,6 +16,7 @@ import llama_adapter
 from llama_adapter import ModelConfig
 from llama_adapter.model import kernels, native, probe
 from llama_adapter.model.kernels import NEVER
+from llama_adapter.model.llama import RMSNorm, apply_rope, rope_tables
 from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, blocked_int4, quantize_int4
 from llama_adapter.serve.engine import Decoder
 
@@ -61,8 +62,9 @@ def test_int8_product_follows_its_formula(ops) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         exact = x.double() @ w.double().t() * scale.double()  # int8 activations per block of 32: about 1% off at worst
         assert (got.double() - exact).abs().max() < 0.02 * exact.abs().max()
+    # bf16 activations are read as they are and the result comes back in bf16, rounded once from fp32.
     bf16 = torch.randn(2, 512).bfloat16()
-    torch.testing.assert_close(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale))
+    assert torch.equal(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale).bfloat16())
     # A bf16 scale (the module's buffer in a bf16 model) is read as the fp32 value it holds.
     x, scale16 = torch.randn(3, 512), scale.bfloat16()
     torch.testing.assert_close(ops.int8_linear(x, w, scale16), ops.int8_linear(x, w, scale16.float()), rtol=0, atol=0)
@@ -96,6 +98,56 @@ def test_int4_blocked_layout_product_and_dequantisation_follow_their_formulas(op
         want = activations_by_formula(x, INT4_GROUP) @ want_w.t()
         got = ops.int4_linear(x, packed, scales)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    bf16 = torch.randn(3, 3 * INT4_GROUP).bfloat16()
+    assert torch.equal(ops.int4_linear(bf16, packed, scales), ops.int4_linear(bf16.float(), packed, scales).bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+def test_rms_norm_and_rope_equal_the_eager_formulas(ops, x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+    """One op each, the same arithmetic as Meta's RMSNorm and RoPE in eager ops: RoPE to the bit, RMSNorm up to
+    the order of its sum of squares (one bf16 step at most)."""
+    torch.manual_seed(4)
+    norm = RMSNorm(96, 1e-5).to(w_dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 2 * 96, dtype=x_dtype)[..., ::2]  # a strided view: rows are read where they lie
+    x = x.contiguous().view(2, 5, 96)
+    want = norm(x)  # autograd on: the eager formula
+    with torch.inference_mode(), kernels.using(ours_norm_rope=True):
+        got = norm(x)
+    assert got.dtype == want.dtype
+    ulp = 2**-7 if want.dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got, want, rtol=ulp, atol=ulp)
+    cos, sin = (t[None, :5] for t in rope_tables(16, 32, 10000.0))
+    heads = torch.randn(2, 5, 3, 16, dtype=x_dtype)
+    for c, s in ((cos, sin), (cos.expand(2, -1, -1), sin.expand(2, -1, -1))):  # one table for all rows, one per row
+        want = apply_rope(heads, c, s)
+        with torch.inference_mode(), kernels.using(ours_norm_rope=True):
+            assert torch.equal(apply_rope(heads, c, s), want)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        ops.rope(heads, cos[:, :4], sin[:, :4])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(x, torch.ones(95), 1e-5)
+
+
+def test_serving_takes_our_norm_and_rope_and_autograd_the_eager_ones(pipe, ops) -> None:
+    """Greedy text is the same either way; with autograd on (training) the eager formulas run, since ours have no
+    backward."""
+    adapted = pipe.with_adapter(llama_adapter.AdapterConfig(adapter_len=4, adapter_layer=2))
+    texts = {}
+    for on in (False, True):
+        with kernels.using(ours_norm_rope=on):
+            texts[on] = "".join(adapted.stream("the water of the", max_new_tokens=12, temperature=0))
+    assert texts[True] == texts[False] and texts[True]
+    tokens = tokens_for(adapted, SAMPLE)
+    layers = adapted.model.args.n_layers
+    with kernels.using(ours_norm_rope=True):
+        for grad, want in ((False, (2 * layers + 1, 2 * layers)), (True, (0, 0))):
+            with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU]) as prof:
+                adapted.model(tokens)
+            names = [e.name for e in prof.events()]
+            assert (names.count("llama_adapter::rms_norm"), names.count("llama_adapter::rope")) == want
 
 
 def test_compiled_code_calls_our_kernels(ops) -> None:

@@ -9,7 +9,8 @@
 // leaves the cores idle enough to keep up with the memory.  torch's weight-only kernels widen
 // every weight to float first.
 //
-// Ops (namespace llama_adapter), x [M, K] float or bf16, results fp32 [M, N]:
+// Ops (namespace llama_adapter), x [M, K] float or bf16, results [M, N] in x's dtype (bf16 ones rounded once,
+// from the fp32 accumulation, as a cast of an fp32 result would round them):
 // - int8_linear(x, weight int8 [N, K], scale float or bf16 [N]): w = q * scale[n]; activation blocks of 32.
 // - int4_linear(x, weight uint8 [N, K/2], scales half [N/4, K/128, 4, 2]): weight in the "blocked"
 //   layout below, groups of 128, w = q * scale + low; activation blocks of 128 (one per group).
@@ -53,19 +54,27 @@ void check_input(const Tensor& x, int64_t K) {
 
 // Activations [M, K] -> int8 q [M, K] and one scale per block (amax / 127); with sums, also
 // scale * sum(q) per block (int4's zero-point term).
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* scales, float* sums) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const at::BFloat16* p) {  // bf16 widens to fp32 by a shift of its bits
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <typename T>
+void quantize_activations(const T* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* scales, float* sums) {
   const int64_t nb = K / block;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t b = 0; b < nb; ++b) {
-        const float* p = x + m * K + b * block;
+        const T* p = x + m * K + b * block;
         __m512 mx = _mm512_setzero_ps();
-        for (int64_t i = 0; i < block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(p + i)));
+        for (int64_t i = 0; i < block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(p + i)));
         const float amax = _mm512_reduce_max_ps(mx);
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         __m512i sum = _mm512_setzero_si512();
         for (int64_t i = 0; i < block; i += 16) {
-          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + i), inv));  // round to nearest even
+          const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(p + i), inv));  // round to nearest even
           sum = _mm512_add_epi32(sum, v);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * K + b * block + i), _mm512_cvtsepi32_epi8(v));
         }
@@ -82,14 +91,35 @@ struct Activations {
 };
 
 Activations quantized(const Tensor& x, int64_t block, bool with_sums) {
-  const Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1);
-  Activations a{at::empty({M, K}, xf.options().dtype(at::kChar)), at::empty({M, K / block}, xf.options()), Tensor()};
-  if (with_sums) a.sums = at::empty({M, K / block}, xf.options());
-  quantize_activations(xf.data_ptr<float>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(),
-                       with_sums ? a.sums.data_ptr<float>() : nullptr);
+  const Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const auto floats = xc.options().dtype(at::kFloat);
+  Activations a{at::empty({M, K}, floats.dtype(at::kChar)), at::empty({M, K / block}, floats), Tensor()};
+  if (with_sums) a.sums = at::empty({M, K / block}, floats);
+  float* sums = with_sums ? a.sums.data_ptr<float>() : nullptr;
+  if (xc.scalar_type() == at::kBFloat16) {
+    quantize_activations(xc.data_ptr<at::BFloat16>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), sums);
+  } else {
+    quantize_activations(xc.data_ptr<float>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), sums);
+  }
   return a;
 }
+
+// Where a tile's results go: the output in x's dtype (bf16 rounded to nearest even).
+struct Out {
+  void* data;
+  bool bf16;
+
+  void put(int64_t i, float v) const {
+    if (bf16) {
+      static_cast<at::BFloat16*>(data)[i] = static_cast<at::BFloat16>(v);
+    } else {
+      static_cast<float*>(data)[i] = v;
+    }
+  }
+};
+
+Out output_of(const Tensor& y) { return Out{y.data_ptr(), y.scalar_type() == at::kBFloat16}; }
 
 // Row tiles of about kTileBytes each, over the two-level loop (tile of rows, then tokens by T).
 template <typename Tile>
@@ -121,7 +151,7 @@ struct Int8Tile {
   const int8_t* w;
   const void* scale;  // float or bf16 (the module's own buffer: no per-call conversion)
   bool scale_bf16;
-  float* y;
+  Out y;
   int64_t K, N;
 
   float scale_at(int64_t n) const {
@@ -155,13 +185,13 @@ struct Int8Tile {
       for (int64_t c = 0; c < chunks; ++c)
         for (int r = 0; r < kRows; ++r) chunk<T>(m0, c, _mm512_loadu_si512(w + (n + r) * K + c * 64), acc[r]);
       for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) * scale_at(n + r);
+        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]) * scale_at(n + r));
     }
     for (; n < n1; ++n) {
       __m512 acc[T];
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) chunk<T>(m0, c, _mm512_loadu_si512(w + n * K + c * 64), acc);
-      for (int t = 0; t < T; ++t) y[(m0 + t) * N + n] = _mm512_reduce_add_ps(acc[t]) * scale_at(n);
+      for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n, _mm512_reduce_add_ps(acc[t]) * scale_at(n));
     }
   }
 };
@@ -172,7 +202,7 @@ struct Int4Tile {
   const float* xsum;
   const uint8_t* w;
   const uint16_t* sz;  // half
-  float* y;
+  Out y;
   int64_t K, N;
 
   // Per group g: sum_k x w = s_g xs_g dot_g(q, xq) + low_g xs_g sum_g(xq).
@@ -209,7 +239,7 @@ struct Int4Tile {
         }
       }
       for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y[(m0 + t) * N + n + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r][t];
+        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]) + bias[r][t]);
     }
   }
 };
@@ -236,9 +266,9 @@ Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
               "scale must be a contiguous float32 or bfloat16 tensor of N = ", N, " values");
 #ifdef LA_VNNI
   const Activations a = quantized(x, kInt8Block, false);
-  Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty({x.size(0), N}, x.options());
   const Int8Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), weight.data_ptr<int8_t>(),
-                      scale.data_ptr(), scale.scalar_type() == at::kBFloat16, y.data_ptr<float>(), K, N};
+                      scale.data_ptr(), scale.scalar_type() == at::kBFloat16, output_of(y), K, N};
   over_tiles(x.size(0), N, K, tile);
   return y;
 #else
@@ -252,9 +282,9 @@ Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) 
   check_input(x, K);
 #ifdef LA_VNNI
   const Activations a = quantized(x, kGroup, true);
-  Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty({x.size(0), N}, x.options());
   const Int4Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), weight.data_ptr<uint8_t>(),
-                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), y.data_ptr<float>(), K, N};
+                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), output_of(y), K, N};
   over_tiles(x.size(0), N, K / 2, tile);
   return y;
 #else

@@ -40,6 +40,9 @@ class CpuKernels:
     # and a softmax, ``attention.matmul_attention``).  SDPA until the probe finds otherwise.
     one_query: str = "matmuls"
     one_query_from: int = NEVER
+    # RMSNorm and RoPE without autograd (serving) as one op each (``native``: ``cpu_norm_rope.cpp``) rather than
+    # the eager formulas' nine and fifteen small ops.  The same arithmetic: on wherever ours are built.
+    ours_norm_rope: bool = False
 
     def describe(self, dtype: torch.dtype, quantize: str | None) -> str:
         """The choices that matter to a model of this dtype and quantize mode, in words."""

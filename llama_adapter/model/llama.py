@@ -28,10 +28,16 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from ..config import AdapterConfig, GateActivation, ModelConfig
 from ..roles import init_fresh, is_adapter
-from .attention import attention
+from . import kernels
+from .attention import OURS_DTYPES, attention
 from .linear import Linear
 
 AdapterKV = tuple[Tensor, Tensor]
+
+
+def uses_our_ops(x: Tensor) -> bool:
+    """Whether RMSNorm and RoPE take our one-op CPU kernels: serving (no autograd), on CPU, where the probe enabled them."""
+    return kernels.PLAN.ours_norm_rope and x.device.type == "cpu" and x.dtype in OURS_DTYPES and not torch.is_grad_enabled()
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if uses_our_ops(x):
+            return torch.ops.llama_adapter.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as the reference implementations do, then scale in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -86,6 +94,8 @@ def rope_tables(
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of x [B, T, H, hd] by cos/sin [B|1, T, hd/2]."""
+    if uses_our_ops(x) and cos.dtype == torch.float32:
+        return torch.ops.llama_adapter.rope(x, cos.contiguous(), sin.contiguous())
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)

@@ -1,4 +1,5 @@
-"""Our CPU kernels (``cpu_quant.cpp``, ``cpu_attention.cpp``): built on first use for this machine, or absent.
+"""Our CPU kernels (``cpu_quant.cpp``, ``cpu_attention.cpp``, ``cpu_norm_rope.cpp``): built on first use for
+this machine, or absent.
 
 They need a C++ compiler (``g++``), ninja and a CPU with AVX-512 VNNI.  The build is torch's JIT
 extension build with ``-march=native``, cached under ``TORCH_EXTENSIONS_DIR`` (by default
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger("llama_adapter.load")
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_attention.cpp", "cpu_norm_rope.cpp")]
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512_vnni", "f16c")
 
 
@@ -58,7 +59,9 @@ def ops() -> Any | None:
             sources=[str(p) for p in SOURCES],
             # -fopenmp at compile time only: at::parallel_for's OpenMP calls then bind to the libgomp torch
             # already loaded, so the kernels share torch's thread pool instead of starting a second one.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            # -ffp-contract=off: a * b + c rounds twice, as torch's separate ops do (fused multiply-adds are
+            # written out as intrinsics where they are meant).
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             is_python_module=False,
             verbose=False,
         )
@@ -77,11 +80,19 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llama_adapter::int8_linear")
     def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("llama_adapter::int4_linear")
     def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("llama_adapter::rms_norm")
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+    @torch.library.register_fake("llama_adapter::rope")
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("llama_adapter::one_query_attention")
     def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -212,7 +212,7 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
     plan = kernels.PLAN
     with torch.inference_mode():
         one_query, one_query_from = _probe_one_query(args, dtype)
-        plan = replace(plan, one_query=one_query, one_query_from=one_query_from)
+        plan = replace(plan, one_query=one_query, one_query_from=one_query_from, ours_norm_rope=native.ops() is not None)
         if dtype == torch.float32 and quantize is None:
             plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
         if quantize is not None:

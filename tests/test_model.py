@@ -149,8 +149,13 @@ def test_zero_gates_give_exactly_the_base_logits(pipe) -> None:
 
 
 def cached_logits(model: Transformer, rows: list[list[int]], prefill: int) -> list[torch.Tensor]:
-    """Prefill ``prefill`` tokens, then decode one at a time; logits at every position from prefill-1 on."""
+    """Prefill ``prefill`` tokens, then decode one at a time; logits at every position from prefill-1 on.
+
+    The cache is left uninitialised when served; here it starts as NaN, so a read of a position not
+    yet written would show in the logits."""
     cache = KVCache(model.args, len(rows), model.args.max_seq_len, torch.float32, torch.device("cpu"))
+    for t in (*cache.k, *cache.v):
+        t.fill_(float("nan"))
     tokens = torch.tensor(rows)
     adapter = model.adapter_kv()
     out = []

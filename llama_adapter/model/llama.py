@@ -107,12 +107,19 @@ class KVCache:
 
     One tensor per layer, not one stacked tensor: a compiled step writes into a layer's cache in
     place, while a write into a slice of a stacked graph input makes the compiler copy all of it.
+
+    Eager steps read only the positions written, so the cache is left uninitialised: on CPU its
+    pages become resident as the context reaches them, not at allocation (at 7B's 2048 positions
+    the whole cache is 1 GiB in bf16).  A compiled step attends over every position through a
+    mask, and a masked position must still hold a finite value (0 x NaN is NaN): ``zeroed``.
     """
 
-    def __init__(self, args: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, args: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False) -> None:
         shape = (batch, args.kv_heads, max_len, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        new = torch.zeros if zeroed else torch.empty
+        self.zeroed = zeroed
+        self.k = [new(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [new(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
     @property
     def batch(self) -> int:
@@ -122,8 +129,9 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device, exact_batch: bool = False) -> bool:
-        batch_ok = batch == self.batch if exact_batch else batch <= self.batch
+    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device, static: bool = False) -> bool:
+        """Whether this cache serves such a batch; ``static``: a compiled step's (the exact batch, zeroed)."""
+        batch_ok = batch == self.batch and self.zeroed if static else batch <= self.batch
         return batch_ok and length <= self.max_len and self.k[0].dtype == dtype and self.k[0].device == device
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

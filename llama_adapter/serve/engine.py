@@ -49,13 +49,12 @@ class CacheSlot:
         self._cache: KVCache | None = None
         self._busy = False
 
-    def take(
-        self, args: ModelConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device, exact_batch: bool = False
-    ) -> KVCache:
-        if self._cache is not None and not self._busy and self._cache.fits(batch, length, dtype, device, exact_batch):
+    def take(self, args: ModelConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device, static: bool = False) -> KVCache:
+        """A cache for ``batch`` rows of up to ``length`` positions; ``static``: for a compiled step (``KVCache.fits``)."""
+        if self._cache is not None and not self._busy and self._cache.fits(batch, length, dtype, device, static):
             self._busy = True
             return self._cache
-        cache = KVCache(args, batch, args.max_seq_len, dtype, device)
+        cache = KVCache(args, batch, args.max_seq_len, dtype, device, zeroed=static)
         if not self._busy:  # keep the newer (larger, or exactly sized) cache for later requests
             self._cache, self._busy = cache, True
         return cache

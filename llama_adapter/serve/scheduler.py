@@ -435,7 +435,7 @@ class Scheduler:
         return min(limit, max(MIN_BUSY_CHUNK, 1 << (fit.bit_length() - 1) if fit else 0))
 
     def _allocate(self, row: Row) -> None:
-        row.cache = KVCache(self.args, 1, row.reserve, self.dtype, self.device)
+        row.cache = KVCache(self.args, 1, row.reserve, self.dtype, self.device, zeroed=row.decoder is not None)
         if row.decoder is not None:  # compiled: CUDA graphs may then keep the cache in place
             for t in (*row.cache.k, *row.cache.v):
                 torch._dynamo.mark_static_address(t)

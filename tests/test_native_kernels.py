@@ -65,6 +65,12 @@ def test_int8_product_follows_its_formula(ops) -> None:
     # bf16 activations are read as they are and the result comes back in bf16, rounded once from fp32.
     bf16 = torch.randn(2, 512).bfloat16()
     assert torch.equal(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale).bfloat16())
+    # Dequantised for the many-token path: exactly what torch's copy and multiply give, in either dtype.
+    for dt in (torch.float32, torch.bfloat16):
+        for sc in (scale, scale.bfloat16()):
+            out = torch.empty(260, 512, dtype=dt)
+            ops.int8_dequantize(w, sc, out)
+            assert torch.equal(out, torch.empty_like(out).copy_(w).mul_(sc.to(dt)[:, None]))
     # A bf16 scale (the module's buffer in a bf16 model) is read as the fp32 value it holds.
     x, scale16 = torch.randn(3, 512), scale.bfloat16()
     torch.testing.assert_close(ops.int8_linear(x, w, scale16), ops.int8_linear(x, w, scale16.float()), rtol=0, atol=0)
@@ -177,6 +183,8 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
         (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 128, dtype=torch.int8), torch.ones(4)), "x has 64 columns"),
         (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must be"),
         (lambda o: o.int8_linear(torch.randn(1, 64).half(), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)), "float32 or bfloat16"),
+        (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), torch.empty(4, 32)), "out must be"),
+        (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(5), torch.empty(4, 64)), "scale must be"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(6, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "N % 4"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2)), "float16"),
         (

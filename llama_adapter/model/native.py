@@ -101,3 +101,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llama_adapter::int4_dequantize")
     def _dequantize(weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
         return None
+
+    @torch.library.register_fake("llama_adapter::int8_dequantize")
+    def _dequantize8(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+        return None

@@ -29,6 +29,7 @@ from common import BenchConfig, append_results
 
 from llama_adapter import AdapterConfig, Transformer
 from llama_adapter.model.build import build_model, meta_model
+from llama_adapter.model.probe import probe_kernels
 from llama_adapter.roles import Role, role_of
 from llama_adapter.serve.scheduler import Limits, Row, RowHandle, Scheduler, kv_bytes_per_token
 from llama_adapter.threads import in_passing_thread
@@ -59,7 +60,9 @@ def random_model(cfg: BenchConfig, seed: int = 0) -> Transformer:
             else:
                 yield name, torch.randn(meta.shape, generator=g) * 0.02
 
-    return build_model(args, adapter, tensors(), dtype=torch.float32, device=torch.device("cpu"))
+    model = build_model(args, adapter, tensors(), dtype=torch.float32, device=torch.device("cpu"))
+    probe_kernels(args, torch.float32, None)  # the CPU kernels load() would choose for this model
+    return model
 
 
 @in_passing_thread  # as Pipeline does: no OpenMP pool in the caller's thread

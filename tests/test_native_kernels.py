@@ -137,6 +137,55 @@ def test_rms_norm_and_rope_equal_the_eager_formulas(ops, x_dtype: torch.dtype, w
         ops.rms_norm(x, torch.ones(95), 1e-5)
 
 
+def test_fp32_product_for_a_few_tokens_equals_f_linear_and_serves_batched_decoding(ops, pipe) -> None:
+    torch.manual_seed(5)
+    w = torch.randn(70, 96)  # 70 rows: whole tiles of 4 and a remainder
+    for m in (1, 2, 3, 4, 5, 9):  # every token-tile size
+        x = torch.randn(m, 96)
+        torch.testing.assert_close(ops.fp32_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="K % 16"):
+        ops.fp32_linear(torch.randn(2, 20), torch.randn(4, 20))
+    # A batch of three rows decodes on it (and not with autograd on); greedy text as on oneDNN.
+    prompts = ["the water of the", "a red", "in the morning the"]
+    want = [pipe.generate(p, max_new_tokens=8, temperature=0) for p in prompts]
+    with kernels.using(fp32_ours_below=9):
+        steps = Decoder(pipe.model, pipe.tokenizer.pad_id).steps([[1, 5, 9], [1, 7], [1, 4, 4, 2]], 3, 0.0, 1.0, None)
+        next(steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            next(steps)
+        assert [e.name for e in prof.events()].count("llama_adapter::fp32_linear") == 7 * pipe.model.args.n_layers + 1
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipe.model(torch.tensor([[1, 5, 9]]))  # autograd on: the kernels with gradients
+        assert "llama_adapter::fp32_linear" not in [e.name for e in prof.events()]
+        got = threaded_generate(pipe, prompts)
+    assert got == want
+
+
+def test_the_probe_bounds_our_fp32_product_by_measurement(ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = ((512, 256), (256, 512))
+    below = probe._probe_fp32_tokens(shapes, onednn=True)
+    assert below in (*probe.BATCH_TOKENS, probe.BATCH_TOKENS[-1] + 1)
+    monkeypatch.setattr(native, "ops", lambda: None)
+    assert probe._probe_fp32_tokens(shapes, onednn=True) == 2  # ours absent: never
+
+
+def threaded_generate(pipe, prompts: list[str]) -> list[str]:
+    """Each prompt generated in its own thread at once: the scheduler batches them."""
+    import threading
+
+    out: list[str] = [""] * len(prompts)
+
+    def run(i: int) -> None:
+        out[i] = pipe.generate(prompts[i], max_new_tokens=8, temperature=0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def test_serving_takes_our_norm_and_rope_and_autograd_the_eager_ones(pipe, ops) -> None:
     """Greedy text is the same either way; with autograd on (training) the eager formulas run, since ours have no
     backward."""

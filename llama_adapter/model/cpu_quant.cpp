@@ -18,6 +18,7 @@
 //   the many-token path (dequantise into scratch, then the GEMM).
 // - int8_dequantize(weight int8 [N, K], scale float or bf16 [N], out [N, K] float or bf16): the same for int8,
 //   in one pass (torch's copy and multiply make two over the 90 MB of a 7B FFN matrix in bf16).
+// - fp32_linear(x float [M, K], weight float [N, K]): plain x W^T for a few tokens (batched fp32 decoding).
 //
 // Blocked int4 layout: rows in blocks of 4; for block b and group g, the 4 rows' 64 bytes follow
 // each other (256 bytes), so each thread reads one sequential stream (with rows of 2 KB, four
@@ -249,7 +250,65 @@ struct Int4Tile {
   }
 };
 
+// Plain fp32 products for a few tokens (batched decoding): each weight row chunk is read once for up to four
+// tokens, whose accumulators stay in registers.
+struct F32Tile {
+  static constexpr int kMaxTokens = 4;
+  const float* x;
+  const float* w;
+  Out y;
+  int64_t K, N;
+
+  template <int T>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t chunks = K / 16;
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows) {
+      __m512 acc[kRows][T];
+      for (auto& row : acc)
+        for (auto& a : row) a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        __m512 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + (m0 + t) * K + c * 16);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + c * 16);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]));
+    }
+    for (; n < n1; ++n) {
+      __m512 acc[T];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512 wv = _mm512_loadu_ps(w + n * K + c * 16);
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + t) * K + c * 16), acc[t]);
+      }
+      for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n, _mm512_reduce_add_ps(acc[t]));
+    }
+  }
+};
+
 #endif  // LA_VNNI
+
+Tensor fp32_linear(const Tensor& x, const Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous float32 [N, K] CPU tensor");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == K,
+              "x must be a float32 [M, K] CPU tensor with the weight's K = ", K);
+  TORCH_CHECK(K % 16 == 0, "fp32_linear needs K % 16 == 0, got ", K);
+#ifdef LA_VNNI
+  const Tensor xc = x.contiguous();
+  Tensor y = at::empty({x.size(0), N}, x.options());
+  const F32Tile tile{xc.data_ptr<float>(), weight.data_ptr<float>(), output_of(y), K, N};
+  over_tiles(x.size(0), N, K * 4, tile);
+  return y;
+#else
+  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
+#endif
+}
 
 void check_int4(const Tensor& weight, const Tensor& scales) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
@@ -376,6 +435,7 @@ TORCH_LIBRARY(llama_adapter, m) {
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor(a!) out) -> ()");
   m.def("int8_dequantize(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
+  m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
@@ -383,4 +443,5 @@ TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
   m.impl("int4_linear", int4_linear);
   m.impl("int4_dequantize", int4_dequantize);
   m.impl("int8_dequantize", int8_dequantize);
+  m.impl("fp32_linear", fp32_linear);
 }

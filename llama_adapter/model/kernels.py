@@ -23,6 +23,9 @@ NEVER = sys.maxsize  # a threshold no forward reaches
 class CpuKernels:
     # fp32 products on oneDNN (``linear.Linear``) rather than F.linear (MKL).
     fp32_onednn: bool = ONEDNN_LINEAR
+    # fp32 products of 2 to this many tokens less one (batched decoding) without autograd on ours (``native``:
+    # each weight chunk read once for up to four tokens).  Never until the probe finds it faster.
+    fp32_ours_below: int = 2
     # Per quantize mode: the fused product is ours (``native``: VNNI, int8 activations per block) rather
     # than torch's.  For int4 this is decided before the weights are quantized: ours has its own layout.
     ours: dict[str, bool] = field(default_factory=lambda: {"int8": False, "int4": False})
@@ -54,7 +57,9 @@ class CpuKernels:
         if quantize is None:
             if dtype != torch.float32:
                 return f"{str(dtype).removeprefix('torch.')} products on F.linear"
-            return f"fp32 products on {'oneDNN' if self.fp32_onednn else 'F.linear (MKL)'}"
+            fp32 = f"fp32 products on {'oneDNN' if self.fp32_onednn else 'F.linear (MKL)'}"
+            below = self.fp32_ours_below
+            return fp32 if below <= 2 else f"{fp32}, on our kernel for 2 to {below - 1} tokens"
         start = self.dequant_from[quantize]
         gemm = f"dequantise + {str(self.gemm_dtype).removeprefix('torch.')} GEMM"
         if quantize == "int8" and self.int8_gemm:

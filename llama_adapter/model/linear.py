@@ -13,6 +13,10 @@ keep ``F.linear``.
 Which of the two is faster depends on the machine (on Intel processors with AMX, MKL's
 fp32 matrix-vector product was the faster one), so ``probe.probe_kernels`` times both on the model's
 shapes at load and sets ``kernels.PLAN.fp32_onednn``; oneDNN is the default until then.
+
+Batched decoding (a few rows at once, no autograd) may take our kernel instead (``native``,
+``fp32_linear``): at 4-8 rows oneDNN reached 50-100 GFLOP/s on a 2-core machine, ours 100-140.  The
+probe sets the token count up to which it serves (``kernels.PLAN.fp32_ours_below``).
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            kernels.PLAN.fp32_onednn
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return onednn_linear(x, self.weight, self.bias)
+        plan = kernels.PLAN
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            tokens = x.numel() // self.in_features
+            if 2 <= tokens < plan.fp32_ours_below and not torch.is_grad_enabled():  # a few rows decoding together
+                out = torch.ops.llama_adapter.fp32_linear(x.reshape(tokens, self.in_features), self.weight)
+                out = out.view(*x.shape[:-1], self.out_features)
+                return out if self.bias is None else out + self.bias
+            if plan.fp32_onednn:
+                return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -86,6 +86,10 @@ def _register_fakes() -> None:
     def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("llama_adapter::fp32_linear")
+    def _fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("llama_adapter::rms_norm")
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))

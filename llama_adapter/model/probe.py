@@ -166,6 +166,30 @@ def _probe_fp32(shapes: Sequence[tuple[int, int]]) -> bool:
     return onednn < plain
 
 
+BATCH_TOKENS = (2, 4, 8, 16, 32)  # where our fp32 product for a few tokens is tried against the fp32 kernel chosen
+
+
+def _probe_fp32_tokens(shapes: Sequence[tuple[int, int]], onednn: bool) -> int:
+    """The first token count of ``BATCH_TOKENS`` at which our fp32 product (``native``) is no longer faster than the
+    chosen fp32 kernel over the FFN shapes; 2 (never) without ours."""
+    if native.ops() is None or any(k % 16 for _, k in shapes):
+        return 2
+    weights = [torch.randn(shape) * 0.02 for shape in shapes]
+    theirs = (lambda x, w: onednn_linear(x, w, None)) if onednn else F.linear
+    for tokens in BATCH_TOKENS:
+        xs = [torch.randn(tokens, w.shape[1]) for w in weights]
+        best = _fastest(
+            {
+                "ours": lambda xs=xs: [torch.ops.llama_adapter.fp32_linear(x, w) for x, w in zip(xs, weights, strict=True)],
+                "theirs": lambda xs=xs: [theirs(x, w) for x, w in zip(xs, weights, strict=True)],
+            },
+            rounds=5,
+        )
+        if best["ours"] >= best["theirs"]:
+            return tokens
+    return BATCH_TOKENS[-1] + 1
+
+
 ATTENTION_POSITIONS = (8, 64, 256, 1024)  # cache lengths at which decoding's attention paths are compared
 
 
@@ -214,7 +238,8 @@ def probe_kernels(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
         one_query, one_query_from = _probe_one_query(args, dtype)
         plan = replace(plan, one_query=one_query, one_query_from=one_query_from, ours_norm_rope=native.ops() is not None)
         if dtype == torch.float32 and quantize is None:
-            plan = replace(plan, fp32_onednn=_probe_fp32(shapes))
+            onednn = _probe_fp32(shapes)
+            plan = replace(plan, fp32_onednn=onednn, fp32_ours_below=_probe_fp32_tokens(shapes, onednn))
         if quantize is not None:
             plan = _probe_mode(quantize, shapes, dtype, plan)
     kernels.set_plan(plan)

@@ -20,6 +20,7 @@ from llama_adapter.model.llama import RMSNorm, apply_rope, rope_tables
 from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, blocked_int4, quantize_int4
 from llama_adapter.serve.engine import Decoder
 
+from .test_batching import alone, drain_in_threads
 from .test_model import SAMPLE, tokens_for
 
 MISSING = [f for f in native.NEEDED_FLAGS if f not in native.cpu_flags()]
@@ -147,7 +148,7 @@ def test_fp32_product_for_a_few_tokens_equals_f_linear_and_serves_batched_decodi
         ops.fp32_linear(torch.randn(2, 20), torch.randn(4, 20))
     # A batch of three rows decodes on it (and not with autograd on); greedy text as on oneDNN.
     prompts = ["the water of the", "a red", "in the morning the"]
-    want = [pipe.generate(p, max_new_tokens=8, temperature=0) for p in prompts]
+    want = [alone(pipe, p, 8) for p in prompts]
     with kernels.using(fp32_ours_below=9):
         steps = Decoder(pipe.model, pipe.tokenizer.pad_id).steps([[1, 5, 9], [1, 7], [1, 4, 4, 2]], 3, 0.0, 1.0, None)
         next(steps)
@@ -157,7 +158,7 @@ def test_fp32_product_for_a_few_tokens_equals_f_linear_and_serves_batched_decodi
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             pipe.model(torch.tensor([[1, 5, 9]]))  # autograd on: the kernels with gradients
         assert "llama_adapter::fp32_linear" not in [e.name for e in prof.events()]
-        got = threaded_generate(pipe, prompts)
+        got = drain_in_threads([pipe.stream(p, max_new_tokens=8, temperature=0) for p in prompts])  # batched together
     assert got == want
 
 
@@ -167,23 +168,6 @@ def test_the_probe_bounds_our_fp32_product_by_measurement(ops, monkeypatch: pyte
     assert below in (*probe.BATCH_TOKENS, probe.BATCH_TOKENS[-1] + 1)
     monkeypatch.setattr(native, "ops", lambda: None)
     assert probe._probe_fp32_tokens(shapes, onednn=True) == 2  # ours absent: never
-
-
-def threaded_generate(pipe, prompts: list[str]) -> list[str]:
-    """Each prompt generated in its own thread at once: the scheduler batches them."""
-    import threading
-
-    out: list[str] = [""] * len(prompts)
-
-    def run(i: int) -> None:
-        out[i] = pipe.generate(prompts[i], max_new_tokens=8, temperature=0)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def test_serving_takes_our_norm_and_rope_and_autograd_the_eager_ones(pipe, ops) -> None:

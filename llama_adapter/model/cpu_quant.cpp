@@ -147,6 +147,25 @@ inline __m512 pair_scales(const float* s) {
   return _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
 }
 
+// Rows n0..n1 of a tile for tokens m0..m0+T: four rows per pass (their accumulators in registers), then one at a
+// time; ``Tile::step`` adds one chunk of the weights, ``Tile::finish`` scales a row's sum.
+template <int T, int R, typename Tile>
+void row_pass(const Tile& tile, int64_t m0, int64_t n) {
+  __m512 acc[R][T];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t c = 0, chunks = tile.chunks(); c < chunks; ++c) tile.template step<T, R>(m0, n, c, acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) tile.y.put((m0 + t) * tile.N + n + r, tile.finish(n + r, _mm512_reduce_add_ps(acc[r][t])));
+}
+
+template <int T, typename Tile>
+void row_passes(const Tile& tile, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) row_pass<T, kRows>(tile, m0, n);
+  for (; n < n1; ++n) row_pass<T, 1>(tile, m0, n);
+}
+
 struct Int8Tile {
   static constexpr int kMaxTokens = 4;  // tokens per pass over a tile of rows
   const int8_t* xq;
@@ -166,36 +185,27 @@ struct Int8Tile {
   }
 
   // sum_k x w = sum_b xs_b dot_b(xq, q); VPDPBUSD wants unsigned x signed: |xq| times q with xq's sign.
-  template <int T>
-  void chunk(int64_t m0, int64_t c, const __m512i& wv, __m512* acc) const {
+  // Chunk c (64 weights) of rows n..n+R into acc[r][t].
+  template <int T, int R>
+  void step(int64_t m0, int64_t n, int64_t c, __m512 (&acc)[R][T]) const {
     const __m512i zero = _mm512_setzero_si512();
-    for (int t = 0; t < T; ++t) {
-      const __m512i xv = _mm512_loadu_si512(xq + (m0 + t) * K + c * 64);
-      const __m512i signed_w = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
-      const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), signed_w);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scales(xs + (m0 + t) * (K / kInt8Block) + 2 * c), acc[t]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + (n + r) * K + c * 64);
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_loadu_si512(xq + (m0 + t) * K + c * 64);
+        const __m512i signed_w = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
+        const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), signed_w);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scales(xs + (m0 + t) * (K / kInt8Block) + 2 * c), acc[r][t]);
+      }
     }
   }
 
+  int64_t chunks() const { return K / 64; }
+  float finish(int64_t n, float sum) const { return sum * scale_at(n); }
+
   template <int T>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
-    const int64_t chunks = K / 64;
-    int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) {
-      __m512 acc[kRows][T];
-      for (auto& row : acc)
-        for (auto& a : row) a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int r = 0; r < kRows; ++r) chunk<T>(m0, c, _mm512_loadu_si512(w + (n + r) * K + c * 64), acc[r]);
-      for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]) * scale_at(n + r));
-    }
-    for (; n < n1; ++n) {
-      __m512 acc[T];
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) chunk<T>(m0, c, _mm512_loadu_si512(w + n * K + c * 64), acc);
-      for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n, _mm512_reduce_add_ps(acc[t]) * scale_at(n));
-    }
+    row_passes<T>(*this, m0, n0, n1);
   }
 };
 
@@ -259,34 +269,23 @@ struct F32Tile {
   Out y;
   int64_t K, N;
 
+  // Chunk c (16 weights) of rows n..n+R into acc[r][t]; each token's chunk is loaded once for the R rows.
+  template <int T, int R>
+  void step(int64_t m0, int64_t n, int64_t c, __m512 (&acc)[R][T]) const {
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + (m0 + t) * K + c * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + c * 16);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+
+  int64_t chunks() const { return K / 16; }
+  float finish(int64_t, float sum) const { return sum; }
+
   template <int T>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
-    const int64_t chunks = K / 16;
-    int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) {
-      __m512 acc[kRows][T];
-      for (auto& row : acc)
-        for (auto& a : row) a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        __m512 xv[T];
-        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + (m0 + t) * K + c * 16);
-        for (int r = 0; r < kRows; ++r) {
-          const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + c * 16);
-          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
-        }
-      }
-      for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]));
-    }
-    for (; n < n1; ++n) {
-      __m512 acc[T];
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 wv = _mm512_loadu_ps(w + n * K + c * 16);
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + t) * K + c * 16), acc[t]);
-      }
-      for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n, _mm512_reduce_add_ps(acc[t]));
-    }
+    row_passes<T>(*this, m0, n0, n1);
   }
 };
 

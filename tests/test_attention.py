@@ -77,7 +77,7 @@ def test_greedy_decoding_is_the_same_on_every_path(pipe, kernel: str) -> None:
 def test_the_probe_sets_where_the_faster_path_takes_over() -> None:
     """Below the chosen length attention stays on SDPA; from it on, on the chosen path (counted with the profiler)."""
     kernel, start = probe._probe_one_query(ModelConfig(dim=512, n_heads=4, n_layers=1, vocab_size=64), torch.bfloat16)
-    assert kernel == "ours" if OURS else kernel == "matmuls"  # ours reads the cache in place: the matmuls copy it
+    assert kernel in (("ours", "matmuls") if OURS else ("matmuls",))  # a timed choice: either path that exists here
     assert start == NEVER or start in probe.ATTENTION_POSITIONS
     q = torch.randn(1, 4, 1, 128)
     short, long = (torch.randn(1, 4, n, 128) for n in (15, 16))

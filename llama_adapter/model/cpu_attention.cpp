@@ -66,12 +66,12 @@ template <typename T, int C>
 struct Head {
   const T* k;
   const T* v;
-  int64_t k_step, v_step, S, d;
+  int64_t k_step, v_step;
   const bool* mask;
   __mmask16 lanes[C];
 
-  Head(const T* k, const T* v, int64_t k_step, int64_t v_step, int64_t S, int64_t d, const bool* mask)
-      : k(k), v(v), k_step(k_step), v_step(v_step), S(S), d(d), mask(mask) {
+  Head(const T* k, const T* v, int64_t k_step, int64_t v_step, int64_t d, const bool* mask)
+      : k(k), v(v), k_step(k_step), v_step(v_step), mask(mask) {
     for (int c = 0; c < C; ++c) {
       const int64_t n = std::clamp<int64_t>(d - 16 * c, 0, 16);
       lanes[c] = static_cast<__mmask16>((1u << n) - 1);
@@ -122,7 +122,7 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, const bool* mask,
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KVH, kvh = t % KVH;
       const Head<T, C> head(k.data_ptr<T>() + b * k.stride(0) + kvh * k.stride(1), v.data_ptr<T>() + b * v.stride(0) + kvh * v.stride(1),
-                            k.stride(2), v.stride(2), S, d, mask ? mask + b * mask_row : nullptr);
+                            k.stride(2), v.stride(2), d, mask ? mask + b * mask_row : nullptr);
       const T* qb = qp + b * q.stride(0) + kvh * G * q.stride(1);
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
       for (int64_t s0 = 0; s0 < S; s0 += kBlock) {

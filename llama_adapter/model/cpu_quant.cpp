@@ -132,21 +132,30 @@ struct Out {
 Out output_of(const Tensor& y) { return Out{y.data_ptr(), y.scalar_type() == at::kBFloat16}; }
 
 // Row tiles of about kTileBytes each, over the two-level loop (tile of rows, then tokens by up to Tile::kMaxTokens).
+//
+// With more tokens than one pass takes, the first pass over a tile waits on memory and the later ones read it
+// from L2 at the speed of the arithmetic; the second pass prefetches the thread's next tile (``ahead`` bytes on,
+// tiles being contiguous), so that the arithmetic and the memory stream overlap instead of taking turns.
 template <typename Tile>
 void over_tiles(int64_t M, int64_t N, int64_t row_bytes, Tile tile) {
   const int64_t rows = std::max<int64_t>(kRows, (kTileBytes / row_bytes) / kRows * kRows);
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
-      int64_t m = 0;
+      int64_t m = 0;  // (the last tile may be short: prefetches past the weight's end are dropped, never fault)
+      auto ahead = [&] { return m == Tile::kMaxTokens && t + 1 < t1 ? rows * row_bytes : 0; };
       if constexpr (Tile::kMaxTokens == 4) {
-        for (; m + 4 <= M; m += 4) tile.template run<4>(m, n0, n1);
-        if (M - m == 3) tile.template run<3>(m, n0, n1), m += 3;
+        for (; m + 4 <= M; m += 4) tile.template run<4>(m, n0, n1, ahead());
+        if (M - m == 3) tile.template run<3>(m, n0, n1, ahead()), m += 3;
       }
-      for (; m + 2 <= M; m += 2) tile.template run<2>(m, n0, n1);
-      if (m < M) tile.template run<1>(m, n0, n1);
+      for (; m + 2 <= M; m += 2) tile.template run<2>(m, n0, n1, ahead());
+      if (m < M) tile.template run<1>(m, n0, n1, ahead());
     }
   });
+}
+
+inline void prefetch_ahead(const void* p, int64_t ahead) {
+  if (ahead) _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T1);
 }
 
 // Two blocks' scales in one vector: lanes 0-7 block b, lanes 8-15 block b + 1 (VPDPBUSD's lanes of a 64-byte chunk).
@@ -157,20 +166,20 @@ inline __m512 pair_scales(const float* s) {
 // Rows n0..n1 of a tile for tokens m0..m0+T: four rows per pass (their accumulators in registers), then one at a
 // time; ``Tile::step`` adds one chunk of the weights, ``Tile::finish`` scales a row's sum.
 template <int T, int R, typename Tile>
-void row_pass(const Tile& tile, int64_t m0, int64_t n) {
+void row_pass(const Tile& tile, int64_t m0, int64_t n, int64_t ahead) {
   __m512 acc[R][T];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t c = 0, chunks = tile.chunks(); c < chunks; ++c) tile.template step<T, R>(m0, n, c, acc);
+  for (int64_t c = 0, chunks = tile.chunks(); c < chunks; ++c) tile.template step<T, R>(m0, n, c, ahead, acc);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) tile.y.put((m0 + t) * tile.N + n + r, tile.finish(n + r, _mm512_reduce_add_ps(acc[r][t])));
 }
 
 template <int T, typename Tile>
-void row_passes(const Tile& tile, int64_t m0, int64_t n0, int64_t n1) {
+void row_passes(const Tile& tile, int64_t m0, int64_t n0, int64_t n1, int64_t ahead) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) row_pass<T, kRows>(tile, m0, n);
-  for (; n < n1; ++n) row_pass<T, 1>(tile, m0, n);
+  for (; n + kRows <= n1; n += kRows) row_pass<T, kRows>(tile, m0, n, ahead);
+  for (; n < n1; ++n) row_pass<T, 1>(tile, m0, n, ahead);
 }
 
 struct Int8Tile {
@@ -194,9 +203,10 @@ struct Int8Tile {
   // sum_k x w = sum_b xs_b dot_b(xq, q); VPDPBUSD wants unsigned x signed: |xq| times q with xq's sign.
   // Chunk c (64 weights) of rows n..n+R into acc[r][t].
   template <int T, int R>
-  void step(int64_t m0, int64_t n, int64_t c, __m512 (&acc)[R][T]) const {
+  void step(int64_t m0, int64_t n, int64_t c, int64_t ahead, __m512 (&acc)[R][T]) const {
     const __m512i zero = _mm512_setzero_si512();
     for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + (n + r) * K + c * 64, ahead);
       const __m512i wv = _mm512_loadu_si512(w + (n + r) * K + c * 64);
       for (int t = 0; t < T; ++t) {
         const __m512i xv = _mm512_loadu_si512(xq + (m0 + t) * K + c * 64);
@@ -211,8 +221,8 @@ struct Int8Tile {
   float finish(int64_t n, float sum) const { return sum * scale_at(n); }
 
   template <int T>
-  void run(int64_t m0, int64_t n0, int64_t n1) const {
-    row_passes<T>(*this, m0, n0, n1);
+  void run(int64_t m0, int64_t n0, int64_t n1, int64_t ahead) const {
+    row_passes<T>(*this, m0, n0, n1, ahead);
   }
 };
 
@@ -230,7 +240,7 @@ struct Int4Tile {
 
   // Per group g: sum_k x w = s_g xs_g dot_g(q, xq) + low_g xs_g sum_g(xq).
   template <int T>
-  void run(int64_t m0, int64_t n0, int64_t n1) const {
+  void run(int64_t m0, int64_t n0, int64_t n1, int64_t ahead) const {
     const int64_t groups = K / kGroup;
     const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(0x0F);
     for (int64_t n = n0; n < n1; n += kRows) {
@@ -244,6 +254,7 @@ struct Int4Tile {
         __m512i lo[kRows], hi[kRows];
         float s[kRows], low[kRows];
         for (int r = 0; r < kRows; ++r) {
+          prefetch_ahead(wb + (g * kRows + r) * 64, ahead);
           const __m512i v = _mm512_loadu_si512(wb + (g * kRows + r) * 64);
           lo[r] = _mm512_and_si512(v, nibble);
           hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
@@ -278,10 +289,11 @@ struct F32Tile {
 
   // Chunk c (16 weights) of rows n..n+R into acc[r][t]; each token's chunk is loaded once for the R rows.
   template <int T, int R>
-  void step(int64_t m0, int64_t n, int64_t c, __m512 (&acc)[R][T]) const {
+  void step(int64_t m0, int64_t n, int64_t c, int64_t ahead, __m512 (&acc)[R][T]) const {
     __m512 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x + (m0 + t) * K + c * 16);
     for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + (n + r) * K + c * 16, ahead);
       const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + c * 16);
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
     }
@@ -291,8 +303,8 @@ struct F32Tile {
   float finish(int64_t, float sum) const { return sum; }
 
   template <int T>
-  void run(int64_t m0, int64_t n0, int64_t n1) const {
-    row_passes<T>(*this, m0, n0, n1);
+  void run(int64_t m0, int64_t n0, int64_t n1, int64_t ahead) const {
+    row_passes<T>(*this, m0, n0, n1, ahead);
   }
 };
 

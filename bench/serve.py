@@ -1,6 +1,6 @@
 """Serving many users: continuous batching against serving one stream at a time, same weights, same prompts.
 
-    python bench/serve.py [--configs d1024 d2048] [--streams 1 2 4 8 16] [--new-tokens 64] [--join-len 1000]
+    python bench/serve.py [--configs d1024 d2048] [--streams 1 2 4 8 16] [--new-tokens 128] [--join-len 1000]
 
 For N concurrent greedy streams (each its own thread reading a ``Pipeline``-style row handle of the
 scheduler) it measures the aggregate decode tokens/s while all N decode, and each stream's median and
@@ -158,7 +158,7 @@ def bench_config(cfg: BenchConfig, streams: list[int], n: int, prompt_len: int, 
     def prompts(k: int, length: int = prompt_len) -> list[list[int]]:
         return torch.randint(3, cfg.vocab_size, (k, length), generator=g).tolist()
 
-    concurrent(scheduler, model, prompts(2), 4)  # warm up
+    concurrent(scheduler, model, prompts(2), 16)  # warm up
     rows = []
     lone_rate = lone_gap = 0.0
     for k in streams:
@@ -205,7 +205,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--join-len", type=int, default=1000)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

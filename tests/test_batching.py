@@ -13,7 +13,8 @@ import torch
 
 import llama_adapter
 from llama_adapter import AdapterConfig, save_adapter
-from llama_adapter.serve.scheduler import LOOKAHEAD, CapacityError, Scheduler
+from llama_adapter.model.llama import KVCache, RaggedAdapters
+from llama_adapter.serve.scheduler import LOOKAHEAD, CapacityError, Row, RowsStep, Scheduler, row_adapters
 
 from .test_model import adapted_copy
 
@@ -32,9 +33,9 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[list[object]]:
     seen: list[list[object]] = []
     real = Scheduler._decode
 
-    def record(self, batch):
+    def record(self, batch, chunks=()):
         seen.append([row.model for row in batch])
-        return real(self, batch)
+        return real(self, batch, chunks)
 
     monkeypatch.setattr(Scheduler, "_decode", record)
     return seen
@@ -157,28 +158,76 @@ def test_closing_an_unread_stream_frees_its_row(base) -> None:
     assert base.scheduler.stats()["rows"] == base.scheduler.stats()["queued"] == 0
 
 
-def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(base, limited: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("same_kind", [True, False], ids=["rides-along", "between-steps"])
+def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(
+    adapters, limited: Scheduler, monkeypatch: pytest.MonkeyPatch, same_kind: bool
+) -> None:
+    """A long prompt of the running stream's kind rides along in its decode steps, a chunk at a time; one of
+    another kind (V2 biases) is prefilled a chunk at a time between them.  Either way each gets its tokens alone."""
+    base, joining = adapters[0], adapters[0] if same_kind else adapters[3]
     long_prompt = " ".join(PROMPTS * 4)  # about 180 tokens
-    expected_long = alone(base, long_prompt, 8)
+    expected_long = alone(joining, long_prompt, 8)
     expected_short = alone(base, PROMPTS[0], 40)
-    events: list[str] = []
+    events: list[tuple[str, int, int]] = []  # ("decode", 0, 0), ("ride" | "prefill", start, size)
     real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
-    monkeypatch.setattr(Scheduler, "_decode", lambda self, batch: events.append("decode") or real_decode(self, batch))
-    monkeypatch.setattr(
-        Scheduler, "_prefill_chunk", lambda self, row, size: events.append(f"prefill {row.pos} {size}") or real_prefill(self, row, size)
-    )
+
+    def decode(self, batch, chunks=()):
+        events.append(("decode", 0, 0))
+        events.extend(("ride", row.pos, size) for row, size in chunks)
+        return real_decode(self, batch, chunks)
+
+    monkeypatch.setattr(Scheduler, "_decode", decode)
+
+    def prefill(self, row, size):
+        events.append(("prefill", row.pos, min(size, len(row.ids) - row.pos)))
+        return real_prefill(self, row, size)
+
+    monkeypatch.setattr(Scheduler, "_prefill_chunk", prefill)
     limited.configure(prefill_chunk=16)
     short = base.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
     next(short)
     events.clear()
-    joiner = base.stream(long_prompt, max_new_tokens=8, temperature=0)
+    joiner = joining.stream(long_prompt, max_new_tokens=8, temperature=0)
     assert drain_in_threads([short, joiner]) == [expected_short, expected_long]
-    chunks = [tuple(map(int, e.split()[1:])) for e in events if e.startswith("prefill")]
+    chunks = [(start, size) for kind, start, size in events if kind != "decode"]
     assert len(chunks) >= len(joiner.prompt_ids) / 16  # at most prefill_chunk tokens at a time
     assert [start for start, _ in chunks] == [sum(size for _, size in chunks[:i]) for i in range(len(chunks))]
+    assert sum(size for _, size in chunks) == len(joiner.prompt_ids)
     assert all(size <= 16 for _, size in chunks)
-    between = [i for i, e in enumerate(events) if e.startswith("prefill")]
-    assert all(events[i + 1] == "decode" for i in between[:-1])  # the running stream decodes between chunks
+    if same_kind:  # the short stream decodes all along, and every chunk rides in its step
+        assert all(kind == "ride" for kind, _, _ in events if kind != "decode")
+    else:  # the running stream decodes between chunks
+        between = [i for i, e in enumerate(events) if e[0] == "prefill"]
+        assert all(events[i + 1][0] == "decode" for i in between[:-1])
+
+
+def test_a_ragged_step_equals_its_rows_forwarded_apart(adapters) -> None:
+    """Two decoding rows with different adapters and two other rows' prompt chunks in one ragged forward: the logits
+    of each row are those of the decode batch and of each chunk forwarded on their own."""
+    a, b = adapters[1].model, adapters[2].model  # prompt-only adapters of different lengths and layers
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, a.args.vocab_size, (n,), generator=g).tolist() for n in (6, 4, 8, 2)]
+    cached = (5, 3, 3, 0)  # rows 0 and 1 decode their next token; rows 2 and 3 have chunks of 5 and 2 tokens
+    with torch.inference_mode():
+        rows = [Row(i, m, m.adapter_kv(), 4, 0.0, 1.0, None) for i, m in zip(ids, (a, b, a, b), strict=True)]
+        caches = [KVCache(a.args, 1, 16, torch.float32, torch.device("cpu")) for _ in rows]
+        for row, cache, n in zip(rows[:3], caches, cached, strict=False):
+            row.model.forward_cached(torch.tensor([row.ids[:n]]), torch.arange(n)[None], RowsStep([cache], [0]), row.adapter_kv)
+        plan = row_adapters(rows[:2], a.args.n_layers)
+        decode = a.forward_cached(torch.tensor([[ids[0][5]], [ids[1][3]]]), torch.tensor([[5], [3]]), RowsStep(caches[:2], [5, 3]), plan)
+        chunks = [
+            a.forward_cached(torch.tensor([ids[i][n:]]), torch.arange(n, len(ids[i]))[None], RowsStep([caches[i]], [n]), rows[i].adapter_kv)
+            for i, n in ((2, 3), (3, 0))
+        ]
+        ragged = a.forward_cached(
+            torch.tensor([[ids[0][5], ids[1][3], *ids[2][3:], *ids[3]]]),
+            torch.tensor([[5, 3, *range(3, 8), 0, 1]]),
+            RowsStep(caches, list(cached), [1, 1, 5, 2]),
+            [RaggedAdapters(2, kv, [(5, rows[2].adapter_kv[i]), (2, rows[3].adapter_kv[i])]) for i, kv in enumerate(plan)],
+            torch.tensor([0, 1, 6, 8]),
+        )
+    torch.testing.assert_close(ragged, torch.cat([decode, *chunks]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(decode[0], decode[1], atol=1e-3)  # the rows differ: a mix-up would show
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
@@ -294,4 +343,5 @@ def test_generate_decodes_its_rows_together(base, batches) -> None:
     batches.clear()
     base.generate(PROMPTS, max_new_tokens=30, temperature=0)
     assert max(len(b) for b in batches) == len(PROMPTS)
-    assert len(batches) <= 30 + len(PROMPTS)  # about one forward per token, not one per row and token
+    # About one forward per token, not one per row and token (a prompt joins in one to a few chunks).
+    assert len(batches) <= 30 + 2 * len(PROMPTS)

@@ -195,6 +195,42 @@ class RowAdapters:
         return out
 
 
+@dataclass
+class RaggedAdapters:
+    """One layer's adapter K/V for a ragged step (``q`` [1, H, N, hd]): ``rows`` decoding rows of one token each
+    first (their K/V as for a batch of them, ``decode``), then prompt chunks, each (its tokens, its row's K/V)."""
+
+    rows: int
+    decode: RowAdapters | AdapterKV | None
+    chunks: list[tuple[int, AdapterKV | None]]
+
+    def add_to(self, out: Tensor, q: Tensor) -> Tensor:
+        def rows_first(t: Tensor) -> Tensor:  # the decoding rows' tokens as a batch [rows, H, 1, hd], and back
+            return t.transpose(0, 2)
+
+        parts = [rows_first(add_adapter(rows_first(out[:, :, : self.rows]), rows_first(q[:, :, : self.rows]), self.decode))]
+        start = self.rows
+        for length, kv in self.chunks:
+            span = slice(start, start + length)
+            parts.append(add_adapter(out[:, :, span], q[:, :, span], kv))
+            start += length
+        return torch.cat(parts, dim=2)
+
+
+BatchAdapters = AdapterKV | RowAdapters | RaggedAdapters
+
+
+def add_adapter(out: Tensor, q: Tensor, adapter_kv: BatchAdapters | None) -> Tensor:
+    """``out`` plus the attention of ``q`` [B, H, T, hd] over the adaption prompt's K and gated V."""
+    if adapter_kv is None:
+        return out
+    if isinstance(adapter_kv, tuple):
+        kp, vp = adapter_kv
+        b = q.shape[0]
+        return out + attention(q, kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1))
+    return adapter_kv.add_to(out, q)
+
+
 def _add_low_rank(down: nn.Linear, up: nn.Linear, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     return output + up(down(inputs[0]))
 
@@ -253,7 +289,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        adapter_kv: AdapterKV | RowAdapters | None = None,
+        adapter_kv: BatchAdapters | None = None,
         step: AttentionStep | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
@@ -264,12 +300,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             out = step.attend(self.layer_id, q, k, v)
-        if isinstance(adapter_kv, RowAdapters):
-            out = adapter_kv.add_to(out, q)
-        elif adapter_kv is not None:
-            kp, vp = adapter_kv
-            kp, vp = kp.expand(b, -1, -1, -1), vp.expand(b, -1, -1, -1)
-            out = out + attention(q, kp, vp)
+        out = add_adapter(out, q, adapter_kv)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -296,9 +327,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, adapter_kv: AdapterKV | RowAdapters | None, step: AttentionStep | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, adapter_kv: BatchAdapters | None, step: AttentionStep | None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -390,14 +419,20 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward_cached(
-        self, tokens: Tensor, positions: Tensor, step: AttentionStep, adapter_kv: Sequence[AdapterKV | RowAdapters | None]
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        step: AttentionStep,
+        adapter_kv: Sequence[BatchAdapters | None],
+        last: Tensor | None = None,
     ) -> Tensor:
-        """Forward ``tokens`` [B, T] at ``positions`` [B, T] through the cache; float32 logits of the last position [B, V]."""
+        """Forward ``tokens`` [B, T] at ``positions`` [B, T] through the cache; float32 logits of the last position [B, V],
+        or with ``last`` (a ragged step, B == 1), of the positions it lists [len(last), V]."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer, layer_kv in zip(self.layers, adapter_kv, strict=True):
             h = layer(h, cos, sin, layer_kv, step)
-        return self.output(self.norm(h[:, -1])).float()
+        return self.output(self.norm(h[:, -1] if last is None else h[0, last])).float()
 
     def training_hidden(self, tokens: Tensor, visual_prompt: Tensor | None = None, checkpoint: bool = False) -> Tensor:
         """Final-norm hidden states [B, T, D] for training the adapter; ``self.output`` of them gives the logits.

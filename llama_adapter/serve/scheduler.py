@@ -8,8 +8,11 @@ runs the batch.  Each iteration it
 2. runs one decode step for every decoding row: one forward per *kind* of row (below);
 3. prefills one chunk of the oldest newcomer's prompt, so that a long prompt joins over several
    iterations while the others keep getting tokens.  With nobody decoding a chunk is
-   ``prefill_chunk`` tokens; while others decode it is sized (from the measured prefill speed) to
-   take about as long as their decode step, so their worst gap between tokens is about two steps.
+   ``prefill_chunk`` tokens.  While rows of its kind decode, the chunk rides along in their decode
+   step (one ragged forward: their tokens and the chunk's through the same weight reads), sized so
+   that the step takes at most ``RIDE_SLOWDOWN`` times as long as without it.  Otherwise (compiled
+   rows, or only rows of another kind decoding) it is a forward of its own between their steps,
+   sized from the measured prefill speed to take about as long as their step.
 
 Every row has its own KV cache, sized for its prompt plus its reply (so memory follows the admitted
 tokens, not rows x context), its own position, sampling settings, generator and adapter K/V.
@@ -24,6 +27,7 @@ with rows of the same pipeline.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -39,7 +43,7 @@ from torch import Tensor
 
 from ..errors import LlamaAdapterError
 from ..model.attention import attention
-from ..model.llama import AdapterKV, KVCache, RowAdapters, Transformer
+from ..model.llama import AdapterKV, KVCache, RaggedAdapters, RowAdapters, Transformer
 from .engine import Decoder, sample
 
 log = logging.getLogger("llama_adapter.scheduler")
@@ -53,6 +57,11 @@ SWITCH_INTERVAL_S = 1e-4
 # a stream that is not read costs little, as with a lazy iterator.
 LOOKAHEAD = 8
 MIN_BUSY_CHUNK = 8  # the smallest prefill chunk while others decode: smaller ones waste the matrix units
+# Prompt chunks riding along with a decode step may make that step at most this much slower (``_size_ride``).
+RIDE_SLOWDOWN = 1.5
+# After this many steps with chunks riding, one without: it measures the decode step of the batch as it is now
+# (rows join as they finish prefilling), which the next rides are sized against.
+RIDES_PER_PLAIN_STEP = 8
 
 
 class CapacityError(LlamaAdapterError, ValueError):
@@ -154,23 +163,33 @@ class Row:
 
 
 class RowsStep:
-    """Attention of each row over its own cache (``AttentionStep``): row i writes at ``starts[i]`` and
-    attends to its first ``starts[i] + T`` positions.  No padding, no mask across rows."""
+    """Attention of each row over its own cache (``AttentionStep``): row i writes its T tokens at ``starts[i]`` and
+    attends to its first ``starts[i] + T`` positions.  No padding, no mask across rows.
 
-    def __init__(self, caches: Sequence[KVCache], starts: Sequence[int]) -> None:
-        self.caches, self.starts = caches, starts
+    Rows are the batch entries of q [B, H, T, hd]; or, with ``lengths``, spans of the tokens of a ragged step
+    q [1, H, N, hd] (row i's ``lengths[i]`` tokens follow row i - 1's), so that rows of one token each (decoding)
+    and a row's prompt chunk go through the projections as one matrix.
+    """
+
+    def __init__(self, caches: Sequence[KVCache], starts: Sequence[int], lengths: Sequence[int] | None = None) -> None:
+        self.caches, self.starts, self.lengths = caches, starts, lengths
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        t = q.shape[2]
+        if self.lengths is None:
+            spans = [(slice(i, i + 1), slice(None)) for i in range(len(self.caches))]
+        else:
+            ends = list(itertools.accumulate(self.lengths))
+            spans = [(slice(None), slice(end - n, end)) for n, end in zip(self.lengths, ends, strict=True)]
         outs = []
-        for i, (cache, start) in enumerate(zip(self.caches, self.starts, strict=True)):
-            keys, values = cache.update(layer, start, k[i : i + 1], v[i : i + 1])
+        for cache, start, (row, tokens) in zip(self.caches, self.starts, spans, strict=True):
+            keys, values = cache.update(layer, start, k[row, :, tokens], v[row, :, tokens])
+            query = q[row, :, tokens]
+            t = query.shape[2]
             mask = None
             if t > 1 and start > 0:  # a later prefill chunk: causal, shifted by what is cached
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(start)
-            causal = t > 1 and start == 0
-            outs.append(attention(q[i : i + 1], keys, values, mask, is_causal=causal))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            outs.append(attention(query, keys, values, mask, is_causal=t > 1 and start == 0))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0 if self.lengths is None else 2)
 
 
 def row_adapters(rows: Sequence[Row], n_layers: int) -> list[RowAdapters | AdapterKV | None]:
@@ -248,7 +267,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0  # loop iterations that computed something (tests and stats)
         self._prefill_rate: float | None = None  # prompt tokens per second, measured on chunks
-        self._decode_s = 0.0  # the last iteration's decode time
+        self._decode_s = 0.0  # the last iteration's decode time (without a prompt chunk riding along)
+        self._rides = 0  # steps with chunks riding since the last one without
+        self._ride = MIN_BUSY_CHUNK  # prompt tokens that ride along with a decode step (sized by how much they slow it)
+        self._ride_slowdown: dict[int, float] = {}  # ride budget -> how much it slowed the decode step (mean of the last few)
         # The stacked adapter K/V of the last batch of each kind, rebuilt only when its rows change.
         self._plans: dict[tuple[bool, object], tuple[list[Row], list[RowAdapters | AdapterKV | None]]] = {}
 
@@ -380,7 +402,7 @@ class Scheduler:
                             self._cond.wait(IDLE_EXIT_S)
                             self._admit()
                             if not self._rows and not self._queue:
-                                self._thread, self._plans = None, {}
+                                self._thread, self._plans, self._ride_slowdown = None, {}, {}
                                 return
                         continue
                     rows = [r for r in self._rows if r.prefilling or r.cancelled or not r.lazy or r.out.qsize() < LOOKAHEAD]
@@ -402,19 +424,36 @@ class Scheduler:
                             self._free(row)
 
     def _iterate(self, rows: list[Row]) -> list[Row]:
-        """One decode step for every decoding row, then one prefill chunk; returns the rows that finished."""
+        """One decode step for every decoding row and one prefill chunk, riding along with the decode step of its
+        kind where there is one; returns the rows that finished."""
         finished: list[Row] = []
         decoding = [r for r in rows if not r.prefilling and not r.cancelled]
         kinds: dict[tuple[bool, object], list[Row]] = {}
         for row in decoding:
             kinds.setdefault(row.kind, []).append(row)
+        prefilling = [r for r in rows if r.prefilling and not r.cancelled]
+        # Newcomers of a kind that is decoding ride along in its step (compiled rows decode one by one: never),
+        # but not in every step: a step now and then without them measures the decode step the rides are sized by.
+        can_ride = [r for r in prefilling if r.decoder is None and r.kind in kinds]
+        riders = can_ride if self._rides < RIDES_PER_PLAIN_STEP else []
+        budget = min(self._ride, self.limits.prefill_chunk)
         start = time.perf_counter()
-        for batch in kinds.values():
-            for row, logits in zip(batch, self._decode(batch), strict=True):
+        for kind, batch in kinds.items():
+            chunks = self._chunks([r for r in riders if r.kind == kind], budget)
+            logits = self._decode(batch, chunks)
+            for row, row_logits in zip(batch, logits, strict=False):
                 row.pos += 1
-                finished += self._emit(row, logits)
-        self._decode_s = time.perf_counter() - start
-        newcomer = next((r for r in rows if r.prefilling and not r.cancelled), None)
+                finished += self._emit(row, row_logits)
+            done = [row for row, _ in chunks if not row.prefilling]  # their prompt's last chunk: their first token
+            for row, row_logits in zip(done, logits[len(batch) :], strict=True):
+                finished += self._emit(row, row_logits)
+        elapsed = time.perf_counter() - start
+        if riders:
+            self._rides += 1
+            self._size_ride(budget, elapsed / max(self._decode_s, 1e-9))
+        else:
+            self._rides, self._decode_s = 0, elapsed
+        newcomer = prefilling[0] if prefilling and not can_ride else None  # a chunk of its own, between decode steps
         if newcomer is not None:
             start = time.perf_counter()
             # Busy: some row is decoding, or would be if its reader caught up (it still waits for tokens).
@@ -425,6 +464,29 @@ class Scheduler:
             if not newcomer.prefilling:
                 finished += self._emit(newcomer, logits)
         return finished
+
+    @staticmethod
+    def _chunks(riders: list[Row], budget: int) -> list[tuple[Row, int]]:
+        """Prompt chunks that ride along, oldest newcomer first, ``budget`` tokens in all."""
+        chunks = []
+        for row in riders:
+            if budget <= 0:
+                break
+            size = min(budget, len(row.ids) - row.pos)
+            chunks.append((row, size))
+            budget -= size
+        return chunks
+
+    def _size_ride(self, budget: int, slowdown: float) -> None:
+        """The next ride budget from how much this one slowed the decode step: halve above ``RIDE_SLOWDOWN``; double
+        below halfway to it, unless the doubled budget is known to slow the step too much (not retried until the
+        loop goes idle: a retry would be a long gap for every running stream)."""
+        seen = self._ride_slowdown.get(budget)
+        self._ride_slowdown[budget] = slowdown if seen is None else (seen + slowdown) / 2
+        if self._ride_slowdown[budget] > RIDE_SLOWDOWN:
+            self._ride = max(MIN_BUSY_CHUNK, budget // 2)
+        elif slowdown < (1 + RIDE_SLOWDOWN) / 2 and self._ride_slowdown.get(2 * budget, 1.0) <= RIDE_SLOWDOWN:
+            self._ride = min(self.limits.prefill_chunk, 2 * budget)
 
     def _chunk_size(self, busy: bool) -> int:
         """Prompt tokens to prefill now: ``prefill_chunk``, or while others decode, what fits in one of their steps."""
@@ -451,18 +513,40 @@ class Scheduler:
         row.pos += len(chunk)
         return logits
 
-    def _decode(self, batch: list[Row]) -> Tensor:
-        """Logits [B, V] of the next token of every row in ``batch`` (one kind)."""
+    def _decode(self, batch: list[Row], chunks: Sequence[tuple[Row, int]] = ()) -> Tensor:
+        """Logits [B, V] of the next token of every row in ``batch`` (one kind).
+
+        With ``chunks`` ((row, tokens): rows of the same kind that are prefilling), those next tokens of their prompts
+        go through the same forward, as one ragged step: the weights are read once for all, so the chunks cost the
+        running rows little (a decode step is bound by reading the weights).  The logits of the rows whose prompt
+        that ends follow, in order: [B + ended, V].
+        """
         if batch[0].decoder is not None:  # compiled: one static-shape graph call per row
             return torch.cat([self._decode_compiled(row) for row in batch])
-        tokens = torch.tensor([[r.next_token] for r in batch], device=self.device)
-        positions = torch.tensor([[r.pos] for r in batch], device=self.device)
-        step = RowsStep([r.cache for r in batch], [r.pos for r in batch])  # type: ignore[misc]
         rows, plan = self._plans.get(batch[0].kind, ([], []))
         if rows != batch:
             plan = row_adapters(batch, self.args.n_layers)
             self._plans[batch[0].kind] = (batch, plan)
-        return batch[0].model.forward_cached(tokens, positions, step, plan)
+        caches: list[KVCache] = [r.cache for r in batch]  # type: ignore[misc]
+        if not chunks:
+            tokens = torch.tensor([[r.next_token] for r in batch], device=self.device)
+            positions = torch.tensor([[r.pos] for r in batch], device=self.device)
+            return batch[0].model.forward_cached(tokens, positions, RowsStep(caches, [r.pos for r in batch]), plan)
+        ids, where, last = [r.next_token for r in batch], [r.pos for r in batch], list(range(len(batch)))
+        for row, size in chunks:
+            if row.cache is None:
+                self._allocate(row)
+            caches.append(row.cache)  # type: ignore[arg-type]
+            ids += row.ids[row.pos : row.pos + size]
+            where += range(row.pos, row.pos + size)
+            if row.pos + size == len(row.ids):
+                last.append(len(ids) - 1)
+        step = RowsStep(caches, [*(r.pos for r in batch), *(row.pos for row, _ in chunks)], [1] * len(batch) + [n for _, n in chunks])
+        ragged = [RaggedAdapters(len(batch), kv, [(n, row.adapter_kv[layer]) for row, n in chunks]) for layer, kv in enumerate(plan)]
+        for row, size in chunks:
+            row.pos += size
+        tokens, positions = torch.tensor([ids], device=self.device), torch.tensor([where], device=self.device)
+        return batch[0].model.forward_cached(tokens, positions, step, ragged, torch.tensor(last, device=self.device))
 
     def _decode_compiled(self, row: Row) -> Tensor:
         assert row.decoder is not None and row.decoder._static_step is not None and row.cache is not None

@@ -14,7 +14,7 @@ from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
 from . import kernels
 from .llama import Transformer
-from .quantize import Int4Linear, Int8Linear, int4_layout, int4_tensors, quantize_weight, swap_to_quantized
+from .quantize import Int4Linear, Int8Linear, int4_layout, int4_tensors, quantize_weight, release_free_memory, swap_to_quantized
 
 # With tie_word_embeddings the head's weight is the embedding's.
 TIED_EMBEDDING, TIED_HEAD = "tok_embeddings.weight", "output.weight"
@@ -67,8 +67,10 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
             continue
         if name in int8 and t.dtype != torch.int8:
             state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
+            release_free_memory()  # the quantizer's temporaries, before the next matrix's pile onto them
         elif name in int4 and t.dtype != torch.uint8:
             state[name], state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
+            release_free_memory()
         elif name in int4_scales or name in int4:
             state[name] = t.to(device)
         elif is_adapter(name, tuned_norms, base_biases):

@@ -10,7 +10,6 @@ kernel's MemAvailable.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,20 +51,6 @@ def serving_bytes(args: ModelConfig, dtype: torch.dtype, quantize: str | None) -
     cache = 2 * layers * args.max_seq_len * kv * act
     scratch = f * d * 2 if quantize else 0  # one bf16 FFN matrix for the prefill GEMM
     return weights + embeddings_and_norms + cache + scratch + RUNTIME_BYTES
-
-
-def release_free_memory() -> bool:
-    """Hand the memory that loading freed back to the system; False where that is not glibc's to do.
-
-    glibc keeps large freed blocks in its heaps once it has seen blocks of their size freed, so the
-    probe's timing copies and the quantizer's temporaries would otherwise stay in the serving footprint.
-    """
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # macOS, musl: nothing to trim
-        return False
-    trim(0)
-    return True
 
 
 def _read_int(path: Path) -> int | None:

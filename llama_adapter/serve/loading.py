@@ -12,7 +12,7 @@ import torch
 from ..errors import CheckpointError
 from ..model.build import TIED_HEAD, build_model, meta_model
 from ..model.probe import probe_kernels
-from ..model.quantize import check_int4_shapes, quantized_linear_names, weight_format
+from ..model.quantize import check_int4_shapes, quantized_linear_names, release_free_memory, weight_format
 from ..model.visual import ClipSpec
 from ..options import check_quantize, default_dtype, parse_device, parse_dtype
 from ..threads import in_passing_thread
@@ -21,7 +21,7 @@ from ..weights.adapter import AdapterShape
 from ..weights.base import open_tokenizer, read_base_state, read_model_config
 from ..weights.state import check_state, shapes
 from .adapters import AdapterSource
-from .formats import available_memory, choose_format, release_free_memory
+from .formats import available_memory, choose_format
 from .pipeline import Pipeline
 
 # The one line per load that says which weight format and kernels were chosen and why.

@@ -451,7 +451,7 @@ class Scheduler:
         if riders:
             self._rides += 1
             self._size_ride(budget, elapsed / max(self._decode_s, 1e-9))
-        else:
+        elif kinds:  # (an iteration with nobody decoding measures nothing)
             self._rides, self._decode_s = 0, elapsed
         newcomer = prefilling[0] if prefilling and not can_ride else None  # a chunk of its own, between decode steps
         if newcomer is not None:

@@ -6,9 +6,10 @@
 The random weights are ``bench/gpu.py``'s (the same generator and seed), written once as a bf16
 Meta checkpoint (``--workdir``, reused by later runs) so that every format is measured as a user
 gets it: ``llama_adapter.load`` streaming the mmapped file tensor by tensor into ``build_model``.
-Each format is measured in a fresh process.  Per format: load time and peak RSS while loading, serving RSS (the
-KV cache's pages are resident up to the longest context served, 512 + 1 positions; then again with the whole
-2048-position cache touched), each as anonymous memory / total (the difference is mapped checkpoint
+Each format is measured in a fresh process.  Per format: load time and peak RSS while loading, serving RSS
+between requests (the KV cache's pages are resident up to the longest context served, 512 + 1 positions; then
+again with the whole 2048-position cache touched) and its peak while the prompts and tokens were computed
+(the prompt path's dequantisation scratch and activations), each as anonymous memory / total (the difference is mapped checkpoint
 pages: page cache the kernel can take back, and for bf16 the weights themselves, used in place),
 time to first token for 128- and 512-token prompts, batch-1 decode
 tokens/s against the memory-bandwidth bound (bytes read per token over the copy bandwidth
@@ -145,17 +146,20 @@ def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dic
     pipe = base.with_adapter(adapter)  # a fresh 10 x 30 adapter on the same tensors: its work is timed, its zero gates change nothing
     decoder = Decoder(pipe.model, 0)
     greedy(decoder, prompts[128][:8], 2)  # warm-up; allocates the KV cache
-    ttft512 = greedy(decoder, prompts[512], 1)[0]
-    bw = copy_bandwidth()
-    ttft128, rate, tokens = greedy(decoder, prompts[128], new_tokens)
+    with PeakRss() as long_prompt:
+        ttft512 = greedy(decoder, prompts[512], 1)[0]
+    bw = copy_bandwidth()  # (its buffers are outside the peaks)
+    with PeakRss() as short_prompt:
+        ttft128, rate, tokens = greedy(decoder, prompts[128], new_tokens)
     bound = bw / bytes_per_token(pipe.model)
-    with torch.inference_mode():
-        logits = pipe.model(torch.tensor([prompts[128]])).float()[0]
-    serving = rss()
+    serving = rss()  # between requests: weights, the cache as far as the longest context served, the runtime
+    serving_peak = max(long_prompt.anon, short_prompt.anon)  # while prompts are prefilled and tokens decoded
     with torch.inference_mode():  # the cache was made in inference mode
         for t in (*decoder.cache_slot._cache.k, *decoder.cache_slot._cache.v):  # the longest context the model takes
             t.zero_()
     full_context = rss()
+    with torch.inference_mode():  # all 128 positions' logits: not a serving step, so measured after the footprint
+        logits = pipe.model(torch.tensor([prompts[128]])).float()[0]
     row = dict(
         format=name,
         weights=llama_adapter.model.quantize.weight_format(pipe.model),
@@ -163,6 +167,7 @@ def measure(name: str, ckpt: Path, args: llama_adapter.ModelConfig, prompts: dic
         load_s=load_s,
         load_peak=(load_peak.anon, load_peak.total),
         serving=serving,
+        serving_peak=serving_peak,
         full_context=full_context,
         ttft128=ttft128,
         ttft512=ttft512,
@@ -254,9 +259,10 @@ def main() -> None:
         return
     lines = [
         "| format | weights | load s | peak RSS loading, anon / total GiB | serving RSS, anon / total GiB "
-        "| anon with a full 2048 context GiB | TTFT 128 s | TTFT 512 s | prefill tok/s (512) | decode tok/s | bound tok/s "
+        "| peak anon while serving GiB | anon with a full 2048 context GiB | TTFT 128 s | TTFT 512 s | prefill tok/s (512) "
+        "| decode tok/s | bound tok/s "
         f"| of bound | logits vs fp32, max / mean | greedy agreement, {n} tokens |",
-        "|---" * 14 + "|",
+        "|---" * 15 + "|",
     ]
     rows, notes = [], []
     for name in args_ns.formats:
@@ -279,7 +285,7 @@ def main() -> None:
         peak, serving = r["load_peak"], r["serving"]
         lines.append(
             f"| {name} | {r['weights']} | {r['load_s']:.0f} | {peak[0] / GiB:.2f} / {peak[1] / GiB:.2f} "
-            f"| {serving[0] / GiB:.2f} / {serving[1] / GiB:.2f} | {r['full_context'][0] / GiB:.2f} "
+            f"| {serving[0] / GiB:.2f} / {serving[1] / GiB:.2f} | {r['serving_peak'] / GiB:.2f} | {r['full_context'][0] / GiB:.2f} "
             f"| {r['ttft128']:.2f} | {r['ttft512']:.2f} | {512 / r['ttft512']:.1f} | {r['decode']:.2f} | {r['bound']:.2f} "
             f"| {r['decode'] / r['bound']:.0%} | {dev} | {agree:.0%} |"
         )

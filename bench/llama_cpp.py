@@ -126,7 +126,7 @@ def peer_rows(bin_dir: Path, ckpt: Path, threads: int, bandwidth: float) -> list
         pp, tg = llama_bench(bin_dir, model, threads)
         bound = bandwidth / model.stat().st_size  # every weight read once per token, as for ours
         rows.append(
-            f"| llama.cpp {kind} | llama-bench, {threads} threads | - | - | - | - | {128 / pp[128]:.2f} | {512 / pp[512]:.2f} "
+            f"| llama.cpp {kind} | llama-bench, {threads} threads | - | - | - | - | - | {128 / pp[128]:.2f} | {512 / pp[512]:.2f} "
             f"| {pp[512]:.1f} | {tg:.2f} | {bound:.2f} | {tg / bound:.0%} | - | - |"
         )
     return rows

@@ -201,6 +201,38 @@ def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(
         assert all(events[i + 1][0] == "decode" for i in between[:-1])
 
 
+def test_a_newcomer_that_cannot_ride_is_not_held_back_by_one_that_rides(
+    adapters, limited: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While prompt-only rows decode, a V2 newcomer (another kind: it cannot ride) comes first and a prompt-only
+    one second: the first gets its chunks between the steps while the second rides, not after it has joined."""
+    base, biased = adapters[0], adapters[3]
+    long_prompt = " ".join(PROMPTS * 4)
+    expected = [alone(base, PROMPTS[0], 40), alone(biased, long_prompt, 4), alone(base, long_prompt, 4)]
+    events: list[str] = []
+    real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
+
+    def decode(self, batch, chunks=()):
+        events.extend("ride" for _ in chunks)
+        return real_decode(self, batch, chunks)
+
+    def prefill(self, row, size):
+        events.append("prefill")
+        return real_prefill(self, row, size)
+
+    monkeypatch.setattr(Scheduler, "_decode", decode)
+    monkeypatch.setattr(Scheduler, "_prefill_chunk", prefill)
+    limited.configure(prefill_chunk=16)
+    short = base.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
+    next(short)
+    events.clear()
+    first = biased.stream(long_prompt, max_new_tokens=4, temperature=0)
+    second = base.stream(long_prompt, max_new_tokens=4, temperature=0)
+    assert drain_in_threads([short, first, second]) == expected
+    assert "ride" in events and "prefill" in events
+    assert events.index("prefill") < len(events) - 1 - events[::-1].index("ride")
+
+
 def test_a_ragged_step_equals_its_rows_forwarded_apart(adapters) -> None:
     """Two decoding rows with different adapters and two other rows' prompt chunks in one ragged forward: the logits
     of each row are those of the decode batch and of each chunk forwarded on their own."""

@@ -403,6 +403,8 @@ class Scheduler:
                             self._admit()
                             if not self._rows and not self._queue:
                                 self._thread, self._plans, self._ride_slowdown = None, {}, {}
+                                # The next session's batch is another: its decode step is measured afresh.
+                                self._decode_s, self._rides, self._ride = 0.0, 0, MIN_BUSY_CHUNK
                                 return
                         continue
                     rows = [r for r in self._rows if r.prefilling or r.cancelled or not r.lazy or r.out.qsize() < LOOKAHEAD]
@@ -433,13 +435,15 @@ class Scheduler:
             kinds.setdefault(row.kind, []).append(row)
         prefilling = [r for r in rows if r.prefilling and not r.cancelled]
         # Newcomers of a kind that is decoding ride along in its step (compiled rows decode one by one: never),
-        # but not in every step: a step now and then without them measures the decode step the rides are sized by.
+        # but not in every step: a step now and then without them measures the decode step the rides are sized by
+        # (and the first one, before any ride).
         can_ride = [r for r in prefilling if r.decoder is None and r.kind in kinds]
-        riders = can_ride if self._rides < RIDES_PER_PLAIN_STEP else []
-        budget = min(self._ride, self.limits.prefill_chunk)
+        riders = can_ride if self._decode_s > 0 and self._rides < RIDES_PER_PLAIN_STEP else []
+        budget = left = min(self._ride, self.limits.prefill_chunk)
         start = time.perf_counter()
         for kind, batch in kinds.items():
-            chunks = self._chunks([r for r in riders if r.kind == kind], budget)
+            chunks = self._chunks([r for r in riders if r.kind == kind], left)
+            left -= sum(size for _, size in chunks)
             logits = self._decode(batch, chunks)
             for row, row_logits in zip(batch, logits, strict=False):
                 row.pos += 1
@@ -450,10 +454,11 @@ class Scheduler:
         elapsed = time.perf_counter() - start
         if riders:
             self._rides += 1
-            self._size_ride(budget, elapsed / max(self._decode_s, 1e-9))
+            self._size_ride(budget, budget - left, elapsed / self._decode_s)
         elif kinds:  # (an iteration with nobody decoding measures nothing)
             self._rides, self._decode_s = 0, elapsed
-        newcomer = prefilling[0] if prefilling and not can_ride else None  # a chunk of its own, between decode steps
+        # The oldest newcomer that cannot ride: a chunk of its own, between decode steps.
+        newcomer = next((r for r in prefilling if r not in can_ride), None)
         if newcomer is not None:
             start = time.perf_counter()
             # Busy: some row is decoding, or would be if its reader caught up (it still waits for tokens).
@@ -477,10 +482,15 @@ class Scheduler:
             budget -= size
         return chunks
 
-    def _size_ride(self, budget: int, slowdown: float) -> None:
-        """The next ride budget from how much this one slowed the decode step: halve above ``RIDE_SLOWDOWN``; double
-        below halfway to it, unless the doubled budget is known to slow the step too much (not retried until the
-        loop goes idle: a retry would be a long gap for every running stream)."""
+    def _size_ride(self, budget: int, rode: int, slowdown: float) -> None:
+        """The next ride budget from how much ``rode`` tokens of this one slowed the decode step: halve above
+        ``RIDE_SLOWDOWN``; double below halfway to it, unless the doubled budget is known to slow the step too much
+        (not retried until the loop goes idle: a retry would be a long gap for every running stream).  Fewer tokens
+        than the budget (the tails of prompts) say nothing about the budget, unless even they were too slow."""
+        if rode < budget:
+            if slowdown > RIDE_SLOWDOWN:
+                self._ride = max(MIN_BUSY_CHUNK, budget // 2)
+            return
         seen = self._ride_slowdown.get(budget)
         self._ride_slowdown[budget] = slowdown if seen is None else (seen + slowdown) / 2
         if self._ride_slowdown[budget] > RIDE_SLOWDOWN:

@@ -41,6 +41,36 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[list[object]]:
     return seen
 
 
+@pytest.fixture
+def chunk_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """What the scheduler's forwards do, in order: ("decode", 0, 0) per decode forward, ("ride", start, size) per
+    prompt chunk riding in it, ("prefill", start, size) per chunk forwarded between steps."""
+    events: list[tuple[str, int, int]] = []
+    real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
+
+    def decode(self, batch, chunks=()):
+        events.append(("decode", 0, 0))
+        events.extend(("ride", row.pos, size) for row, size in chunks)
+        return real_decode(self, batch, chunks)
+
+    def prefill(self, row, size):
+        events.append(("prefill", row.pos, min(size, len(row.ids) - row.pos)))
+        return real_prefill(self, row, size)
+
+    monkeypatch.setattr(Scheduler, "_decode", decode)
+    monkeypatch.setattr(Scheduler, "_prefill_chunk", prefill)
+    return events
+
+
+def running_stream(pipe: llama_adapter.Pipeline, scheduler: Scheduler, events: list) -> Iterator[str]:
+    """A 40-token stream of PROMPTS[0] that has begun (prefill chunks of 16 from now on; ``events`` cleared)."""
+    scheduler.configure(prefill_chunk=16)
+    stream = pipe.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
+    next(stream)
+    events.clear()
+    return stream
+
+
 @pytest.fixture(scope="module")
 def adapters(base: llama_adapter.Pipeline, tmp_path_factory: pytest.TempPathFactory) -> list[llama_adapter.Pipeline]:
     """Pipelines on ``base``: none, two prompt-only adapters of different shapes, and one with V2 biases."""
@@ -160,7 +190,7 @@ def test_closing_an_unread_stream_frees_its_row(base) -> None:
 
 @pytest.mark.parametrize("same_kind", [True, False], ids=["rides-along", "between-steps"])
 def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(
-    adapters, limited: Scheduler, monkeypatch: pytest.MonkeyPatch, same_kind: bool
+    adapters, limited: Scheduler, chunk_events: list, same_kind: bool
 ) -> None:
     """A long prompt of the running stream's kind rides along in its decode steps, a chunk at a time; one of
     another kind (V2 biases) is prefilled a chunk at a time between them.  Either way each gets its tokens alone."""
@@ -168,27 +198,10 @@ def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(
     long_prompt = " ".join(PROMPTS * 4)  # about 180 tokens
     expected_long = alone(joining, long_prompt, 8)
     expected_short = alone(base, PROMPTS[0], 40)
-    events: list[tuple[str, int, int]] = []  # ("decode", 0, 0), ("ride" | "prefill", start, size)
-    real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
-
-    def decode(self, batch, chunks=()):
-        events.append(("decode", 0, 0))
-        events.extend(("ride", row.pos, size) for row, size in chunks)
-        return real_decode(self, batch, chunks)
-
-    monkeypatch.setattr(Scheduler, "_decode", decode)
-
-    def prefill(self, row, size):
-        events.append(("prefill", row.pos, min(size, len(row.ids) - row.pos)))
-        return real_prefill(self, row, size)
-
-    monkeypatch.setattr(Scheduler, "_prefill_chunk", prefill)
-    limited.configure(prefill_chunk=16)
-    short = base.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
-    next(short)
-    events.clear()
+    short = running_stream(base, limited, chunk_events)
     joiner = joining.stream(long_prompt, max_new_tokens=8, temperature=0)
     assert drain_in_threads([short, joiner]) == [expected_short, expected_long]
+    events = chunk_events
     chunks = [(start, size) for kind, start, size in events if kind != "decode"]
     assert len(chunks) >= len(joiner.prompt_ids) / 16  # at most prefill_chunk tokens at a time
     assert [start for start, _ in chunks] == [sum(size for _, size in chunks[:i]) for i in range(len(chunks))]
@@ -201,36 +214,19 @@ def test_long_prompt_joins_in_chunks_while_a_stream_keeps_getting_tokens(
         assert all(events[i + 1][0] == "decode" for i in between[:-1])
 
 
-def test_a_newcomer_that_cannot_ride_is_not_held_back_by_one_that_rides(
-    adapters, limited: Scheduler, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_newcomer_that_cannot_ride_is_not_held_back_by_one_that_rides(adapters, limited: Scheduler, chunk_events: list) -> None:
     """While prompt-only rows decode, a V2 newcomer (another kind: it cannot ride) comes first and a prompt-only
     one second: the first gets its chunks between the steps while the second rides, not after it has joined."""
     base, biased = adapters[0], adapters[3]
     long_prompt = " ".join(PROMPTS * 4)
     expected = [alone(base, PROMPTS[0], 40), alone(biased, long_prompt, 4), alone(base, long_prompt, 4)]
-    events: list[str] = []
-    real_decode, real_prefill = Scheduler._decode, Scheduler._prefill_chunk
-
-    def decode(self, batch, chunks=()):
-        events.extend("ride" for _ in chunks)
-        return real_decode(self, batch, chunks)
-
-    def prefill(self, row, size):
-        events.append("prefill")
-        return real_prefill(self, row, size)
-
-    monkeypatch.setattr(Scheduler, "_decode", decode)
-    monkeypatch.setattr(Scheduler, "_prefill_chunk", prefill)
-    limited.configure(prefill_chunk=16)
-    short = base.stream(PROMPTS[0], max_new_tokens=40, temperature=0)
-    next(short)
-    events.clear()
+    short = running_stream(base, limited, chunk_events)
     first = biased.stream(long_prompt, max_new_tokens=4, temperature=0)
     second = base.stream(long_prompt, max_new_tokens=4, temperature=0)
     assert drain_in_threads([short, first, second]) == expected
-    assert "ride" in events and "prefill" in events
-    assert events.index("prefill") < len(events) - 1 - events[::-1].index("ride")
+    kinds = [kind for kind, _, _ in chunk_events]
+    assert "ride" in kinds and "prefill" in kinds
+    assert kinds.index("prefill") < len(kinds) - 1 - kinds[::-1].index("ride")
 
 
 def test_a_ragged_step_equals_its_rows_forwarded_apart(adapters) -> None:

@@ -56,7 +56,7 @@ SWITCH_INTERVAL_S = 1e-4
 # A row whose reader has this many tokens unread waits (keeps its place, skips steps) until they are read:
 # a stream that is not read costs little, as with a lazy iterator.
 LOOKAHEAD = 8
-MIN_BUSY_CHUNK = 8  # the smallest prefill chunk while others decode: smaller ones waste the matrix units
+MIN_BUSY_CHUNK = 8  # the smallest prefill chunk (or ride budget) while others decode: smaller ones waste the matrix units
 # Prompt chunks riding along with a decode step may make that step at most this much slower (``_size_ride``).
 RIDE_SLOWDOWN = 1.5
 # After this many steps with chunks riding, one without: it measures the decode step of the batch as it is now
@@ -172,16 +172,17 @@ class RowsStep:
     """
 
     def __init__(self, caches: Sequence[KVCache], starts: Sequence[int], lengths: Sequence[int] | None = None) -> None:
-        self.caches, self.starts, self.lengths = caches, starts, lengths
+        self.caches, self.starts, self.ragged = caches, starts, lengths is not None
+        # Each row's (batch index, token span) in q, k and v: the same in every layer.
+        if lengths is None:
+            self.spans = [(slice(i, i + 1), slice(None)) for i in range(len(caches))]
+        else:
+            ends = itertools.accumulate(lengths)
+            self.spans = [(slice(None), slice(end - n, end)) for n, end in zip(lengths, ends, strict=True)]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.lengths is None:
-            spans = [(slice(i, i + 1), slice(None)) for i in range(len(self.caches))]
-        else:
-            ends = list(itertools.accumulate(self.lengths))
-            spans = [(slice(None), slice(end - n, end)) for n, end in zip(self.lengths, ends, strict=True)]
         outs = []
-        for cache, start, (row, tokens) in zip(self.caches, self.starts, spans, strict=True):
+        for cache, start, (row, tokens) in zip(self.caches, self.starts, self.spans, strict=True):
             keys, values = cache.update(layer, start, k[row, :, tokens], v[row, :, tokens])
             query = q[row, :, tokens]
             t = query.shape[2]
@@ -189,7 +190,7 @@ class RowsStep:
             if t > 1 and start > 0:  # a later prefill chunk: causal, shifted by what is cached
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=q.device).tril(start)
             outs.append(attention(query, keys, values, mask, is_causal=t > 1 and start == 0))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0 if self.lengths is None else 2)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2 if self.ragged else 0)
 
 
 def row_adapters(rows: Sequence[Row], n_layers: int) -> list[RowAdapters | AdapterKV | None]:

@@ -49,23 +49,27 @@ def activations_by_formula(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * (amax / 127)).view_as(x).double()
 
 
-def test_int8_product_follows_its_formula(ops) -> None:
+@pytest.mark.parametrize("kernel", ["int8_linear", "int8_gemm"])
+def test_int8_product_follows_its_formula(ops, kernel: str) -> None:
     torch.manual_seed(0)
-    w = torch.randint(-127, 128, (260, 512), dtype=torch.int8)  # 260 rows: whole tiles of 4 and a remainder
+    product = getattr(ops, kernel)
+    # 260 rows: whole tiles of 4 (the row kernel) or panels of 16 (the GEMM), and a remainder; -127 and 127 both present
+    w = torch.randint(-127, 128, (260, 512), dtype=torch.int8)
+    w[0, :2] = torch.tensor([-127, 127], dtype=torch.int8)
     scale = torch.rand(260)
-    for m in (1, 3, 4, 9):  # every token-tile size
+    for m in (1, 3, 4, 9, 12, 29):  # every token-tile size of the row kernel; whole tiles of 12 and a remainder for the GEMM
         x = torch.randn(m, 512)
         x[:, 7] = 0  # a zero column, and below a whole zero block
         x[0, 32:64] = 0
         want = activations_by_formula(x, 32) @ w.double().t() * scale.double()
-        got = ops.int8_linear(x, w, scale)
+        got = product(x, w, scale)
         assert got.dtype == torch.float32 and got.shape == (m, 260)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         exact = x.double() @ w.double().t() * scale.double()  # int8 activations per block of 32: about 1% off at worst
         assert (got.double() - exact).abs().max() < 0.02 * exact.abs().max()
     # bf16 activations are read as they are and the result comes back in bf16, rounded once from fp32.
     bf16 = torch.randn(2, 512).bfloat16()
-    assert torch.equal(ops.int8_linear(bf16, w, scale), ops.int8_linear(bf16.float(), w, scale).bfloat16())
+    assert torch.equal(product(bf16, w, scale), product(bf16.float(), w, scale).bfloat16())
     # Dequantised for the many-token path: exactly what torch's copy and multiply give, in either dtype.
     for dt in (torch.float32, torch.bfloat16):
         for sc in (scale, scale.bfloat16()):
@@ -74,7 +78,7 @@ def test_int8_product_follows_its_formula(ops) -> None:
             assert torch.equal(out, torch.empty_like(out).copy_(w).mul_(sc.to(dt)[:, None]))
     # A bf16 scale (the module's buffer in a bf16 model) is read as the fp32 value it holds.
     x, scale16 = torch.randn(3, 512), scale.bfloat16()
-    torch.testing.assert_close(ops.int8_linear(x, w, scale16), ops.int8_linear(x, w, scale16.float()), rtol=0, atol=0)
+    torch.testing.assert_close(product(x, w, scale16), product(x, w, scale16.float()), rtol=0, atol=0)
 
 
 def blocked_by_formula(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -100,13 +104,15 @@ def test_int4_blocked_layout_product_and_dequantisation_follow_their_formulas(op
     step = sz[..., 0].double().t().repeat_interleave(INT4_GROUP, dim=1)
     # Half a step, plus float16's rounding of the scale (times up to 15) and of the group's low end (|low| <= |w|).
     assert ((want_w - w.double()).abs() <= 0.5 * step + 2**-11 * (15 * step + w.abs().max())).all()
-    for m in (1, 2, 4, 7):
-        x = torch.randn(m, 3 * INT4_GROUP)
-        want = activations_by_formula(x, INT4_GROUP) @ want_w.t()
-        got = ops.int4_linear(x, packed, scales)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    bf16 = torch.randn(3, 3 * INT4_GROUP).bfloat16()
-    assert torch.equal(ops.int4_linear(bf16, packed, scales), ops.int4_linear(bf16.float(), packed, scales).bfloat16())
+    # The row kernel (token tiles of 1 and 2) and the GEMM (132 rows: 8 panels of 16 and 4 rows; 12 tokens a tile).
+    for product in (ops.int4_linear, ops.int4_gemm):
+        for m in (1, 2, 4, 7, 12, 30):
+            x = torch.randn(m, 3 * INT4_GROUP)
+            want = activations_by_formula(x, INT4_GROUP) @ want_w.t()
+            got = product(x, packed, scales)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        bf16 = torch.randn(3, 3 * INT4_GROUP).bfloat16()
+        assert torch.equal(product(bf16, packed, scales), product(bf16.float(), packed, scales).bfloat16())
 
 
 @pytest.mark.parametrize(
@@ -215,10 +221,15 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
         (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 128, dtype=torch.int8), torch.ones(4)), "x has 64 columns"),
         (lambda o: o.int8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must be"),
         (lambda o: o.int8_linear(torch.randn(1, 64).half(), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)), "float32 or bfloat16"),
+        (lambda o: o.int8_gemm(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4)), "K % 64 == 0"),
+        (lambda o: o.int8_gemm(torch.randn(1, 64), torch.zeros(4, 128, dtype=torch.int8), torch.ones(4)), "x has 64 columns"),
+        (lambda o: o.int8_gemm(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must be"),
         (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), torch.empty(4, 32)), "out must be"),
         (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(5), torch.empty(4, 64)), "scale must be"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(6, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "N % 4"),
         (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2)), "float16"),
+        (lambda o: o.int4_gemm(torch.randn(1, 128), torch.zeros(6, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "N % 4"),
+        (lambda o: o.int4_gemm(torch.randn(1, 256), torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half()), "x has 256"),
         (
             lambda o: o.int4_dequantize(torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(1, 1, 4, 2).half(), torch.empty(4, 64)),
             "out must be",
@@ -241,7 +252,7 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(ops, call, message: st
 def test_a_model_on_our_kernels_stays_with_torchs_and_decodes_on_ours(int4_dir: Path, ops, restore_plan) -> None:
     """int4 and int8 models built while the plan picks our kernels: int4 weights take the blocked layout,
     logits stay close to the same model on torch's kernels, the prompt path equals the decode path, and
-    the profiler sees our ops (and not torch's) in a decode step."""
+    the profiler sees our ops (and not torch's) in a decode step; a prompt on our GEMM equals it on our row kernel."""
     fp32 = llama_adapter.load(int4_dir, device="cpu", dtype="fp32")
     tokens = tokens_for(fp32, SAMPLE)
     with torch.inference_mode():
@@ -263,7 +274,14 @@ def test_a_model_on_our_kernels_stays_with_torchs_and_decodes_on_ours(int4_dir: 
                 many = pipe.model(tokens)  # dequantise + GEMM
             with kernels.using(ours={"int8": False, "int4": False}):
                 old = theirs.model(tokens)
+            with kernels.using(ours_gemm_from={mode: 2}), profile(activities=[ProfilerActivity.CPU]) as prof:
+                gemm = pipe.model(tokens)
+        names = [e.name for e in prof.events()]
+        assert names.count(f"llama_adapter::{mode}_gemm") == 7 * pipe.model.args.n_layers + 1 and ours_op not in names
         scale = ref.abs().max().item()
+        # The same arithmetic summed in another order (the products alone agree to 1e-5, above); in bf16 activations a
+        # last-bit difference in one layer carries on through the others.
+        torch.testing.assert_close(gemm, got, rtol=0.03, atol=0.03 * scale)
         # Our int8 activations err about as much as torch's bf16 ones: both stay far inside the weights' own error.
         assert (got - ref).abs().max() < 2 * (old - ref).abs().max() + 0.01 * scale
         torch.testing.assert_close(many, got, rtol=0.05, atol=0.05 * scale)
@@ -313,6 +331,29 @@ def test_the_probe_times_our_kernels_against_torchs(ops, monkeypatch: pytest.Mon
     monkeypatch.setattr(native, "ops", lambda: None)
     plan = probe.probe_kernels(args, torch.bfloat16, "int4")
     assert not plan.ours["int4"] and "int4: torch's fused kernel" in plan.describe(torch.bfloat16, "int4")
+
+
+@pytest.mark.parametrize(("wins_from", "want"), [(8, 8), (None, NEVER)])
+def test_the_probe_sends_tokens_to_our_gemm_from_where_it_wins(ops, monkeypatch: pytest.MonkeyPatch, wins_from, want) -> None:
+    """Our GEMM serves from the first token count where the probe timed it faster than our row kernel (the timings
+    are faked; both paths really run on every count tried), and the plan says so."""
+    counts = iter(probe.GEMM_TOKENS)
+    tried: list[int] = []
+
+    def timings(runs: dict, rounds: int = 5) -> dict:
+        tokens = next(counts)
+        tried.append(tokens)
+        for run in runs.values():
+            run()
+        return {"rows": 1.0, "gemm": 0.5 if wins_from is not None and tokens >= wins_from else 2.0}
+
+    monkeypatch.setattr(probe, "_fastest", timings)
+    mods = [probe.quantized_module("int8", torch.randn(64, 128), torch.bfloat16)]
+    plan = replace(kernels.PLAN, ours={"int8": True, "int4": False})
+    assert probe._ours_gemm_from(mods, plan, "int8", torch.float32) == want
+    assert tried == [n for n in probe.GEMM_TOKENS if wins_from is None or n <= wins_from]
+    described = replace(plan, ours_gemm_from={"int8": want, "int4": NEVER}).describe(torch.float32, "int8")
+    assert ("its GEMM from 8 tokens" in described) == (want == 8)
 
 
 def test_our_kernels_are_absent_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-// Weight-only int8 / int4 products for CPU decoding on AVX-512 VNNI integer dot products.
+// Weight-only int8 / int4 products for CPU serving on AVX-512 VNNI integer dot products.
 //
 // Built on first use for the machine it runs on (``native.py``: -march=native); torch's own
 // weight-only kernels stay the fallback, and the load-time probe picks whichever is faster.
@@ -18,6 +18,8 @@
 //   the many-token path (dequantise into scratch, then the GEMM).
 // - int8_dequantize(weight int8 [N, K], scale float or bf16 [N], out [N, K] float or bf16): the same for int8,
 //   in one pass (torch's copy and multiply make two over the 90 MB of a 7B FFN matrix in bf16).
+// - int8_gemm, int4_gemm: the same products (the same arguments, activation blocks and results) for many tokens
+//   (prompts, batched decoding), with the lanes along the output instead of along K (see ``panel_gemm``).
 // - fp32_linear(x float [M, K], weight float [N, K]): plain x W^T for a few tokens (batched fp32 decoding).
 //
 // Blocked int4 layout: rows in blocks of 4; for block b and group g, the 4 rows' 64 bytes follow
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define LA_VNNI 1
@@ -72,7 +75,7 @@ inline __m512 load16(const at::BFloat16* p) {  // bf16 widens to fp32 by a shift
 }
 
 template <typename T>
-void quantize_activations(const T* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* scales, float* sums) {
+void quantize_activations(const T* x, int64_t M, int64_t K, int64_t block, int8_t* q, int64_t ld, float* scales, float* sums) {
   const int64_t nb = K / block;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -86,7 +89,7 @@ void quantize_activations(const T* x, int64_t M, int64_t K, int64_t block, int8_
         for (int64_t i = 0; i < block; i += 16) {
           const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(p + i), inv));  // round to nearest even
           sum = _mm512_add_epi32(sum, v);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * K + b * block + i), _mm512_cvtsepi32_epi8(v));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * ld + b * block + i), _mm512_cvtsepi32_epi8(v));
         }
         const float s = amax / 127.f;
         scales[m * nb + b] = s;
@@ -98,19 +101,21 @@ void quantize_activations(const T* x, int64_t M, int64_t K, int64_t block, int8_
 
 struct Activations {
   Tensor q, scales, sums;
+  int64_t ld;  // q's row stride
 };
 
-Activations quantized(const Tensor& x, int64_t block, bool with_sums) {
+// ``pad`` bytes after each row of q: rows 4 KB apart all fall in one L1 set, and the GEMM reads 12 rows at once.
+Activations quantized(const Tensor& x, int64_t block, bool with_sums, int64_t pad = 0) {
   const Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
+  const int64_t M = xc.size(0), K = xc.size(1), ld = K + pad;
   const auto floats = xc.options().dtype(at::kFloat);
-  Activations a{at::empty({M, K}, floats.dtype(at::kChar)), at::empty({M, K / block}, floats), Tensor()};
+  Activations a{at::empty({M, ld}, floats.dtype(at::kChar)), at::empty({M, K / block}, floats), Tensor(), ld};
   if (with_sums) a.sums = at::empty({M, K / block}, floats);
   float* sums = with_sums ? a.sums.data_ptr<float>() : nullptr;
   if (xc.scalar_type() == at::kBFloat16) {
-    quantize_activations(xc.data_ptr<at::BFloat16>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), sums);
+    quantize_activations(xc.data_ptr<at::BFloat16>(), M, K, block, a.q.data_ptr<int8_t>(), ld, a.scales.data_ptr<float>(), sums);
   } else {
-    quantize_activations(xc.data_ptr<float>(), M, K, block, a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), sums);
+    quantize_activations(xc.data_ptr<float>(), M, K, block, a.q.data_ptr<int8_t>(), ld, a.scales.data_ptr<float>(), sums);
   }
   return a;
 }
@@ -163,8 +168,9 @@ inline __m512 pair_scales(const float* s) {
   return _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
 }
 
-// Rows n0..n1 of a tile for tokens m0..m0+T: four rows per pass (their accumulators in registers), then one at a
-// time; ``Tile::step`` adds one chunk of the weights, ``Tile::finish`` scales a row's sum.
+// Rows n0..n1 of a tile for tokens m0..m0+T: four rows per pass for several tokens (their accumulators in registers,
+// each token's chunk loaded once for the four), then one at a time; ``Tile::step`` adds one chunk of the weights,
+// ``Tile::finish`` scales a row's sum.
 template <int T, int R, typename Tile>
 void row_pass(const Tile& tile, int64_t m0, int64_t n, int64_t ahead) {
   __m512 acc[R][T];
@@ -178,7 +184,10 @@ void row_pass(const Tile& tile, int64_t m0, int64_t n, int64_t ahead) {
 template <int T, typename Tile>
 void row_passes(const Tile& tile, int64_t m0, int64_t n0, int64_t n1, int64_t ahead) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) row_pass<T, kRows>(tile, m0, n, ahead);
+  // One token (batch-1 decoding) takes its rows one at a time: each thread then reads one sequential stream, which the
+  // memory delivers faster than four rows' streams at once (int8 on 7B shapes: 28 GB/s against 24, 2 cores).
+  if constexpr (T > 1)
+    for (; n + kRows <= n1; n += kRows) row_pass<T, kRows>(tile, m0, n, ahead);
   for (; n < n1; ++n) row_pass<T, 1>(tile, m0, n, ahead);
 }
 
@@ -308,6 +317,175 @@ struct F32Tile {
   }
 };
 
+
+// Prompts: a GEMM on the quantized weights, with the lanes along the output.  Each thread unpacks a panel of 16
+// rows into a buffer that stays in L2 (4 weights of each row per 32-bit lane, as unsigned bytes), then every
+// tile of up to kGemmTokens tokens passes over it: one VPDPBUSD per 4 weights multiplies a token's 4 int8
+// activations, broadcast to all lanes, by 16 rows at once, so no sum ever needs a horizontal reduction and a
+// weight chunk loaded once serves kGemmTokens tokens.  Per activation block b (one scale xs, sum xsum = xs sum(q)):
+//   y[t, n] = sum_b A[b, n] xs[t, b] dot_b(u[n], q[t]) + L[b, n] xsum[t, b]
+// with int4 u = q, A = scale, L = low; int8 u = w + 128, A = 1, L = -128, all times the row scale at the end.
+constexpr int64_t kPanel = 16;
+constexpr int kGemmTokens = 12;  // 12 int32 and 12 fp32 accumulators, the weight chunk and a broadcast: 26 registers
+
+inline __mmask16 lanes(int64_t rows) { return static_cast<__mmask16>((1u << rows) - 1); }
+
+// o[j] lane i = r[i] lane j: a 16 x 16 transpose of 32-bit values (pairs, then quads within 128-bit lanes, then
+// the 128-bit lanes themselves).
+inline void transpose16(__m512i (&r)[16], __m512i (&o)[16]) {
+  for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3 -> v[c] holds, in 128-bit lane L, their values of column 4L + c
+    const __m512i lo01 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]), hi01 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+    const __m512i lo23 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]), hi23 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+    r[4 * g] = _mm512_unpacklo_epi64(lo01, lo23);
+    r[4 * g + 1] = _mm512_unpackhi_epi64(lo01, lo23);
+    r[4 * g + 2] = _mm512_unpacklo_epi64(hi01, hi23);
+    r[4 * g + 3] = _mm512_unpackhi_epi64(hi01, hi23);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c gathers lane L of the four groups' v[c]
+    const __m512i s0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), s3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    o[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    o[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    o[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    o[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+struct Int8Panel {
+  static constexpr int64_t kBlock = kInt8Block;
+  static constexpr bool kLow = false;
+  const int8_t* w;
+  int64_t K;
+
+  // Rows n0..n0+rows as w + 128 (w ^ 0x80): 64 bytes of each row, transposed into 16 chunks.  (A gather of 4 bytes
+  // from each of 16 rows was 2x slower where rows are 4 KB apart: all 16 fall in one L1 set.)
+  void pack(int64_t n0, int64_t rows, __m512i* buf, float*, float*) const {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t c = 0; c < K / 64; ++c) {
+      __m512i r[16], o[16];
+      for (int64_t i = 0; i < kPanel; ++i) r[i] = i < rows ? _mm512_loadu_si512(w + (n0 + i) * K + c * 64) : _mm512_setzero_si512();
+      transpose16(r, o);
+      for (int j = 0; j < 16; ++j) buf[c * 16 + j] = _mm512_xor_si512(o[j], flip);
+    }
+  }
+};
+
+struct Int4Panel {
+  static constexpr int64_t kBlock = kGroup;
+  static constexpr bool kLow = true;
+  const uint8_t* w;
+  const uint16_t* sz;  // half (scale, low) per row and group, in the blocked layout
+  int64_t K;
+
+  // In the blocked layout row 4b + r of group g starts at byte ((b * groups + g) * 4 + r) * 64, and its byte j
+  // holds q[j] and q[j + 64]: one gather of 4 bytes a lane gives two chunks of 4 weights.
+  void pack(int64_t n0, int64_t rows, __m512i* buf, float* A, float* L) const {
+    const int64_t groups = K / kGroup;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i offsets = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(lane, 2), _mm512_set1_epi32(static_cast<int32_t>(groups * 256))),
+                                             _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(3)), 6));
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __mmask16 live = lanes(rows);
+    const uint8_t* base = w + (n0 / kRows) * groups * kRows * 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t j4 = 0; j4 < 16; ++j4) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + g * 256 + 4 * j4, 1);
+        buf[g * 32 + j4] = _mm512_and_si512(v, nibble);
+        buf[g * 32 + 16 + j4] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+      }
+      for (int64_t i = 0; i < kPanel; ++i) {
+        const int64_t at = (((n0 + i) / kRows * groups + g) * kRows + i % kRows) * 2;
+        A[g * kPanel + i] = i < rows ? _cvtsh_ss(sz[at]) : 0.f;
+        L[g * kPanel + i] = i < rows ? _cvtsh_ss(sz[at + 1]) : 0.f;
+      }
+    }
+  }
+};
+
+// Tokens m0..m0+T against one packed panel: out[t] gets the 16 rows' sums (before the int8 row scale).
+template <int T, typename Panel>
+void panel_tile(const __m512i* buf, const float* A, const float* L, const int8_t* xq, int64_t ld, const float* xs,
+                const float* xsum, int64_t K, int64_t m0, __m512 (&out)[T]) {
+  constexpr int64_t steps = Panel::kBlock / 4;
+  const int64_t nb = K / Panel::kBlock;
+  for (auto& o : out) o = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[T];
+    for (auto& a : acc) a = _mm512_setzero_si512();
+    const int8_t* xb = xq + m0 * ld + b * Panel::kBlock;
+    for (int64_t s = 0; s < steps; ++s) {
+      const __m512i wv = _mm512_loadu_si512(buf + b * steps + s);
+      for (int t = 0; t < T; ++t) {
+        int32_t four;
+        std::memcpy(&four, xb + t * ld + 4 * s, 4);
+        acc[t] = _mm512_dpbusd_epi32(acc[t], wv, _mm512_set1_epi32(four));
+      }
+    }
+    const float* xsb = xs + m0 * nb + b;
+    if constexpr (Panel::kLow) {
+      const __m512 a = _mm512_loadu_ps(A + b * kPanel), l = _mm512_loadu_ps(L + b * kPanel);
+      for (int t = 0; t < T; ++t) {
+        out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_mul_ps(a, _mm512_set1_ps(xsb[t * nb])), out[t]);
+        out[t] = _mm512_fmadd_ps(l, _mm512_set1_ps(xsum[(m0 + t) * nb + b]), out[t]);
+      }
+    } else {
+      for (int t = 0; t < T; ++t) out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(xsb[t * nb]), out[t]);
+    }
+  }
+}
+
+// The row scale (int8) and the output dtype: tile results into y [M, N].
+struct PanelOut {
+  Out y;
+  int64_t N;
+  const float* row_scale;  // int8: the rows' scales as float; int4: null
+  const float* offset;     // int8: per token 128 sum_b xsum[t, b] (the +128 of u); int4: null
+
+  template <int T>
+  void put(int64_t m0, int64_t n0, int64_t rows, __m512 (&out)[T]) const {
+    alignas(64) float v[kPanel];
+    for (int t = 0; t < T; ++t) {
+      __m512 r = out[t];
+      if (row_scale) r = _mm512_mul_ps(_mm512_sub_ps(r, _mm512_set1_ps(offset[m0 + t])), _mm512_maskz_loadu_ps(lanes(rows), row_scale + n0));
+      _mm512_store_ps(v, r);
+      for (int64_t i = 0; i < rows; ++i) y.put((m0 + t) * N + n0 + i, v[i]);
+    }
+  }
+};
+
+template <int T, typename Panel>
+void panel_tokens(const __m512i* buf, const float* A, const float* L, const Activations& a, const PanelOut& o, int64_t K,
+                  int64_t m0, int64_t n0, int64_t rows) {
+  __m512 out[T];
+  panel_tile<T, Panel>(buf, A, L, a.q.data_ptr<int8_t>(), a.ld, a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), K, m0, out);
+  o.template put<T>(m0, n0, rows, out);
+}
+
+template <typename Panel, int T = kGemmTokens>
+void panel_rest(int64_t left, const __m512i* buf, const float* A, const float* L, const Activations& a, const PanelOut& o,
+                int64_t K, int64_t m0, int64_t n0, int64_t rows) {
+  if constexpr (T > 0) {
+    if (left == T) return panel_tokens<T, Panel>(buf, A, L, a, o, K, m0, n0, rows);
+    panel_rest<Panel, T - 1>(left, buf, A, L, a, o, K, m0, n0, rows);
+  }
+}
+
+template <typename Panel>
+void panel_gemm(const Panel& panel, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
+  const int64_t panels = (N + kPanel - 1) / kPanel, nb = K / Panel::kBlock;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<__m512i> buf(K / 4);
+    std::vector<float> A(Panel::kLow ? nb * kPanel : 0), L(Panel::kLow ? nb * kPanel : 0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, rows = std::min(kPanel, N - n0);
+      panel.pack(n0, rows, buf.data(), A.data(), L.data());
+      int64_t m = 0;
+      for (; m + kGemmTokens <= M; m += kGemmTokens) panel_tokens<kGemmTokens, Panel>(buf.data(), A.data(), L.data(), a, o, K, m, n0, rows);
+      if (m < M) panel_rest<Panel>(M - m, buf.data(), A.data(), L.data(), a, o, K, m, n0, rows);
+    }
+  });
+}
+
 #endif  // LA_VNNI
 
 Tensor fp32_linear(const Tensor& x, const Tensor& weight) {
@@ -368,6 +546,42 @@ Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) 
   const Int4Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), weight.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), output_of(y), K, N};
   over_tiles(x.size(0), N, K / 2, tile);
+  return y;
+#else
+  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
+#endif
+}
+
+Tensor int8_gemm(const Tensor& x, const Tensor& weight, const Tensor& scale) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
+              "int8 weight must be a contiguous int8 [N, K] CPU tensor");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_input(x, K);
+  TORCH_CHECK(K % 64 == 0, "int8_gemm needs K % 64 == 0, got ", K);
+  TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
+              "scale must be a contiguous float32 or bfloat16 tensor of N = ", N, " values");
+#ifdef LA_VNNI
+  const Activations a = quantized(x, kInt8Block, true, 64);
+  const Tensor row_scale = scale.to(at::kFloat).contiguous();
+  const Tensor offset = a.sums.sum(1).mul_(128.f).contiguous();
+  Tensor y = at::empty({x.size(0), N}, x.options());
+  const PanelOut o{output_of(y), N, row_scale.data_ptr<float>(), offset.data_ptr<float>()};
+  panel_gemm(Int8Panel{weight.data_ptr<int8_t>(), K}, a, o, x.size(0), N, K);
+  return y;
+#else
+  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
+#endif
+}
+
+Tensor int4_gemm(const Tensor& x, const Tensor& weight, const Tensor& scales) {
+  check_int4(weight, scales);
+  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  check_input(x, K);
+#ifdef LA_VNNI
+  const Activations a = quantized(x, kGroup, true, 64);
+  Tensor y = at::empty({x.size(0), N}, x.options());
+  const PanelOut o{output_of(y), N, nullptr, nullptr};
+  panel_gemm(Int4Panel{weight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), K}, a, o, x.size(0), N, K);
   return y;
 #else
   TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
@@ -447,6 +661,8 @@ TORCH_LIBRARY(llama_adapter, m) {
   m.def("int4_dequantize(Tensor weight, Tensor scales, Tensor(a!) out) -> ()");
   m.def("int8_dequantize(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int4_gemm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
@@ -455,4 +671,6 @@ TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
   m.impl("int4_dequantize", int4_dequantize);
   m.impl("int8_dequantize", int8_dequantize);
   m.impl("fp32_linear", fp32_linear);
+  m.impl("int8_gemm", int8_gemm);
+  m.impl("int4_gemm", int4_gemm);
 }

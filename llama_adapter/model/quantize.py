@@ -7,16 +7,19 @@
 
 On CPU each product takes one of two paths, chosen per call by the number of tokens against the
 threshold that ``kernels.probe`` measured at load:
-- few tokens (decoding): a fused weight-only kernel, which reads the quantized weight directly.
-  Either ours (``cpu_quant.cpp``, built by ``native``: int8 activations per block and VNNI dot
-  products, as llama.cpp does) or torch's (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
-  whichever the probe timed faster.  torch's run in the activation dtype the probe found fastest
-  (bf16: their fp32 paths stream 5-10x slower), whatever the model's dtype.
-- many tokens (prefill): the weight is dequantised into one reused scratch buffer and multiplied
-  by the machine's GEMM (oneDNN / MKL, bf16), the right kernel for a matrix of activations.  For
-  int8, where the probe finds it faster, the int8 GEMM instead (``Int8Linear.int_gemm``): no
-  dequantising, the machine's int8 dot products (VNNI, AMX), and activations kept to about 15 bits
-  by quantizing them in two int8 passes (the value, then what the first pass missed).
+- fused: a weight-only kernel that reads the quantized weight directly.  Either ours
+  (``cpu_quant.cpp``, built by ``native``: int8 activations per block and VNNI dot products, as
+  llama.cpp does) or torch's (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), whichever
+  the probe timed faster.  torch's run in the activation dtype the probe found fastest (bf16: their
+  fp32 paths stream 5-10x slower), whatever the model's dtype.  Ours has two kernels: one passes over
+  the weight rows for up to 4 tokens at a time (decoding), the other is a GEMM that serves 12 tokens
+  per weight chunk (batched decoding, prompts), from the token count where the probe found it faster.
+- many tokens: the weight is dequantised into one reused scratch buffer and multiplied by the
+  machine's GEMM (oneDNN / MKL, bf16).  For int8, where the probe finds it faster, the int8 GEMM
+  instead (``Int8Linear.int_gemm``): no dequantising, the machine's int8 dot products (VNNI, AMX), and
+  activations kept to about 15 bits by quantizing them in two int8 passes (the value, then what the
+  first pass missed).  Taken from the token count where it beats the fused path (never, where our
+  GEMM serves: it reads a quarter to an eighth of the bytes for the same arithmetic).
 On other devices the weight is dequantised for ``F.linear``; for int8 the compiled CUDA step fuses
 that into the GEMV.
 """
@@ -119,7 +122,8 @@ class Int8Linear(QuantizedLinear):
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
         if plan.ours["int8"] and ours_fits("int8", self.out_features, self.in_features):
-            return torch.ops.llama_adapter.int8_linear(x, self.weight, self.scale)
+            op = torch.ops.llama_adapter.int8_gemm if x.shape[0] >= plan.ours_gemm_from["int8"] else torch.ops.llama_adapter.int8_linear
+            return op(x, self.weight, self.scale)
         x = x.to(plan.kernel_dtype["int8"])
         return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
 
@@ -189,7 +193,8 @@ class Int4Linear(QuantizedLinear):
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
         if self.layout == "blocked":
-            return torch.ops.llama_adapter.int4_linear(x, self.weight, self.scales_and_zeros)
+            op = torch.ops.llama_adapter.int4_gemm if x.shape[0] >= plan.ours_gemm_from["int4"] else torch.ops.llama_adapter.int4_linear
+            return op(x, self.weight, self.scales_and_zeros)
         x = x.to(plan.kernel_dtype["int4"])
         return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
 

@@ -13,9 +13,21 @@ from torch.profiler import ProfilerActivity, profile
 import llama_adapter
 from llama_adapter import ModelConfig
 from llama_adapter.model import kernels, native, probe
+from llama_adapter.model.build import build_model, meta_model
 from llama_adapter.model.kernels import NEVER
 from llama_adapter.model.llama import CacheStep, KVCache
-from llama_adapter.model.quantize import INT4_GROUP, Int4Linear, Int8Linear, int4_cpu_layout, pack_int4, quantize_int4, unpack_int4
+from llama_adapter.model.quantize import (
+    HUGE_PAGE,
+    INT4_GROUP,
+    Int4Linear,
+    Int8Linear,
+    int4_cpu_layout,
+    on_huge_pages,
+    pack_int4,
+    quantize_int4,
+    quantize_weight,
+    unpack_int4,
+)
 from llama_adapter.serve import formats
 from llama_adapter.serve.engine import Decoder
 
@@ -247,3 +259,18 @@ def test_int8_gemm_follows_the_formula_even_with_outlier_channels(restore_plan) 
     assert got.dtype == x.dtype and got.shape == want.shape
     err, bf16_err = (got - want).abs().max().item(), (bf16 - want).abs().max().item()
     assert err < 1e-3 * want.abs().max().item() and err < bf16_err / 4, (err, bf16_err)
+
+
+def test_quantized_weights_are_moved_to_huge_pages_unchanged() -> None:
+    """Loading copies each quantized matrix of 2 MiB or more to memory aligned for 2 MiB pages (asked of Linux with
+    madvise), with the same values; smaller ones stay where they are."""
+    torch.manual_seed(0)
+    args = ModelConfig(dim=1024, n_layers=1, n_heads=8, vocab_size=64)  # FFN matrices of 2816 x 1024: 2.75 MiB in int8
+    tensors = {n: torch.randn(t.shape) * 0.02 for n, t in meta_model(args, None, torch.float32).state_dict().items()}
+    model = build_model(args, None, tensors.items(), dtype=torch.float32, device=torch.device("cpu"), int8=["layers.0.feed_forward.w1"])
+    w1 = model.layers[0].feed_forward.w1
+    assert w1.weight.data_ptr() % HUGE_PAGE == 0
+    want, scale = quantize_weight(tensors["layers.0.feed_forward.w1.weight"], torch.float32)
+    assert torch.equal(w1.weight, want) and torch.equal(w1.scale, scale)
+    small = torch.zeros(16, 64, dtype=torch.int8)
+    assert on_huge_pages(small) is small

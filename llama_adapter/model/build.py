@@ -14,7 +14,16 @@ from ..config import AdapterConfig, ModelConfig
 from ..roles import is_adapter, serving_dtype
 from . import kernels
 from .llama import Transformer
-from .quantize import Int4Linear, Int8Linear, int4_layout, int4_tensors, quantize_weight, release_free_memory, swap_to_quantized
+from .quantize import (
+    Int4Linear,
+    Int8Linear,
+    int4_layout,
+    int4_tensors,
+    on_huge_pages,
+    quantize_weight,
+    release_free_memory,
+    swap_to_quantized,
+)
 
 # With tie_word_embeddings the head's weight is the embedding's.
 TIED_EMBEDDING, TIED_HEAD = "tok_embeddings.weight", "output.weight"
@@ -66,10 +75,14 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
         if tied and name == TIED_HEAD and not (quantized_head and t.dtype in (torch.int8, torch.uint8)):
             continue
         if name in int8 and t.dtype != torch.int8:
-            state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
+            q, state[name.removesuffix("weight") + "scale"] = quantize_weight(t.to(device), dtype)
+            state[name] = on_huge_pages(q)
+            del q
             release_free_memory()  # the quantizer's temporaries, before the next matrix's pile onto them
         elif name in int4 and t.dtype != torch.uint8:
-            state[name], state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
+            q, state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
+            state[name] = on_huge_pages(q)
+            del q
             release_free_memory()
         elif name in int4_scales or name in int4:
             state[name] = t.to(device)

@@ -516,14 +516,19 @@ void check_int4(const Tensor& weight, const Tensor& scales) {
               "int4 scales must be contiguous float16 [N/4, K/128, 4, 2]");
 }
 
-Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
+void check_int8(const Tensor& x, const Tensor& weight, const Tensor& scale) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
               "int8 weight must be a contiguous int8 [N, K] CPU tensor");
   const int64_t N = weight.size(0), K = weight.size(1);
   check_input(x, K);
-  TORCH_CHECK(K % 64 == 0, "int8_linear needs K % 64 == 0, got ", K);
+  TORCH_CHECK(K % 64 == 0, "the int8 products need K % 64 == 0, got ", K);
   TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
               "scale must be a contiguous float32 or bfloat16 tensor of N = ", N, " values");
+}
+
+Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
+  check_int8(x, weight, scale);
+  const int64_t N = weight.size(0), K = weight.size(1);
 #ifdef LA_VNNI
   const Activations a = quantized(x, kInt8Block, false);
   Tensor y = at::empty({x.size(0), N}, x.options());
@@ -553,13 +558,8 @@ Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) 
 }
 
 Tensor int8_gemm(const Tensor& x, const Tensor& weight, const Tensor& scale) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous(),
-              "int8 weight must be a contiguous int8 [N, K] CPU tensor");
+  check_int8(x, weight, scale);
   const int64_t N = weight.size(0), K = weight.size(1);
-  check_input(x, K);
-  TORCH_CHECK(K % 64 == 0, "int8_gemm needs K % 64 == 0, got ", K);
-  TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
-              "scale must be a contiguous float32 or bfloat16 tensor of N = ", N, " values");
 #ifdef LA_VNNI
   const Activations a = quantized(x, kInt8Block, true, 64);
   const Tensor row_scale = scale.to(at::kFloat).contiguous();

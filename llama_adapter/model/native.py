@@ -78,21 +78,11 @@ def ops() -> Any | None:
 def _register_fakes() -> None:
     """Output shapes for torch.compile's tracing, so that a compiled decode step (``--compile``) can call our kernels."""
 
-    @torch.library.register_fake("llama_adapter::int8_linear")
-    def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # x [M, K], weight [N, ...]
         return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @torch.library.register_fake("llama_adapter::int4_linear")
-    def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]))
-
-    @torch.library.register_fake("llama_adapter::int8_gemm")
-    def _int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]))
-
-    @torch.library.register_fake("llama_adapter::int4_gemm")
-    def _int4_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], weight.shape[0]))
+    for product in ("int8_linear", "int4_linear", "int8_gemm", "int4_gemm"):
+        torch.library.register_fake(f"llama_adapter::{product}")(_product)
 
     @torch.library.register_fake("llama_adapter::fp32_linear")
     def _fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -377,27 +377,31 @@ struct Int4Panel {
   const uint16_t* sz;  // half (scale, low) per row and group, in the blocked layout
   int64_t K;
 
-  // In the blocked layout row 4b + r of group g starts at byte ((b * groups + g) * 4 + r) * 64, and its byte j
-  // holds q[j] and q[j + 64]: one gather of 4 bytes a lane gives two chunks of 4 weights.
+  // In the blocked layout row 4b + r of group g starts at byte ((b * groups + g) * 4 + r) * 64 and its byte j holds
+  // q[j] and q[j + 64]: the 16 rows' 64 bytes of a group, transposed, give 16 chunks of low nibbles and 16 of high.
+  // The group's (scale, low) pairs are 8 halves per block of 4 rows.
   void pack(int64_t n0, int64_t rows, __m512i* buf, float* A, float* L) const {
-    const int64_t groups = K / kGroup;
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i offsets = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(lane, 2), _mm512_set1_epi32(static_cast<int32_t>(groups * 256))),
-                                             _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(3)), 6));
+    const int64_t groups = K / kGroup, blocks = rows / kRows;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __mmask16 live = lanes(rows);
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const uint8_t* base = w + (n0 / kRows) * groups * kRows * 64;
+    const uint16_t* sbase = sz + (n0 / kRows) * groups * kRows * 2;
     for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t j4 = 0; j4 < 16; ++j4) {
-        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, base + g * 256 + 4 * j4, 1);
-        buf[g * 32 + j4] = _mm512_and_si512(v, nibble);
-        buf[g * 32 + 16 + j4] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
+      __m512i r[16], o[16];
+      for (int64_t i = 0; i < kPanel; ++i)
+        r[i] = i < rows ? _mm512_loadu_si512(base + ((i / kRows) * groups + g) * 256 + (i % kRows) * 64) : _mm512_setzero_si512();
+      transpose16(r, o);
+      for (int j = 0; j < 16; ++j) {
+        buf[g * 32 + j] = _mm512_and_si512(o[j], nibble);
+        buf[g * 32 + 16 + j] = _mm512_and_si512(_mm512_srli_epi32(o[j], 4), nibble);
       }
-      for (int64_t i = 0; i < kPanel; ++i) {
-        const int64_t at = (((n0 + i) / kRows * groups + g) * kRows + i % kRows) * 2;
-        A[g * kPanel + i] = i < rows ? _cvtsh_ss(sz[at]) : 0.f;
-        L[g * kPanel + i] = i < rows ? _cvtsh_ss(sz[at + 1]) : 0.f;
-      }
+      __m128i pairs[4];  // block b: (scale, low) of its 4 rows
+      for (int64_t b = 0; b < 4; ++b)
+        pairs[b] = b < blocks ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sbase + (b * groups + g) * kRows * 2)) : _mm_setzero_si128();
+      const __m512 lo = _mm512_cvtph_ps(_mm256_set_m128i(pairs[1], pairs[0])), hi = _mm512_cvtph_ps(_mm256_set_m128i(pairs[3], pairs[2]));
+      _mm512_storeu_ps(A + g * kPanel, _mm512_permutex2var_ps(lo, even, hi));
+      _mm512_storeu_ps(L + g * kPanel, _mm512_permutex2var_ps(lo, odd, hi));
     }
   }
 };

@@ -30,6 +30,7 @@ from common import BenchConfig, append_results
 from llama_adapter import AdapterConfig, Transformer
 from llama_adapter.model.build import build_model, meta_model
 from llama_adapter.model.probe import probe_kernels
+from llama_adapter.model.quantize import quantized_linear_names
 from llama_adapter.roles import Role, role_of
 from llama_adapter.serve.scheduler import Limits, Row, RowHandle, Scheduler, kv_bytes_per_token
 from llama_adapter.threads import in_passing_thread
@@ -44,11 +45,15 @@ CONTROL_STEPS = 40
 
 
 @in_passing_thread  # as load() builds: no OpenMP pool left in the main thread (llama_adapter/threads.py)
-def random_model(cfg: BenchConfig, seed: int = 0) -> Transformer:
-    """Random fp32 weights and a prompt-only adapter (10 tokens in every layer, non-zero gates), tensor by tensor."""
+def random_model(cfg: BenchConfig, quantize: str | None, seed: int = 0) -> Transformer:
+    """Random weights and a prompt-only adapter (10 tokens in every layer, non-zero gates), tensor by tensor: fp32, or
+    with ``quantize`` weight-only int8 / int4 in bf16 activations, as ``load()`` serves them on a CPU."""
     args = cfg.model_args(MAX_SEQ_LEN)
     adapter = AdapterConfig(adapter_len=cfg.adapter_len, adapter_layer=cfg.adapted_layers)
-    skeleton = meta_model(args, adapter, torch.float32)
+    dtype = torch.bfloat16 if quantize else torch.float32
+    skeleton = meta_model(args, adapter, dtype)
+    names = quantized_linear_names(skeleton) if quantize else []
+    probe_kernels(args, dtype, quantize)  # the CPU kernels load() would choose for this model (before: int4's layout)
 
     def tensors():
         for i, (name, meta) in enumerate(skeleton.state_dict().items()):
@@ -60,9 +65,8 @@ def random_model(cfg: BenchConfig, seed: int = 0) -> Transformer:
             else:
                 yield name, torch.randn(meta.shape, generator=g) * 0.02
 
-    model = build_model(args, adapter, tensors(), dtype=torch.float32, device=torch.device("cpu"))
-    probe_kernels(args, torch.float32, None)  # the CPU kernels load() would choose for this model
-    return model
+    int8, int4 = (names, []) if quantize == "int8" else ([], names)
+    return build_model(args, adapter, tensors(), dtype=dtype, device=torch.device("cpu"), int8=int8, int4=int4)
 
 
 @in_passing_thread  # as Pipeline does: no OpenMP pool in the caller's thread
@@ -150,8 +154,10 @@ def join(scheduler: Scheduler, model: Transformer, prompts: list[list[int]], lon
     }
 
 
-def bench_config(cfg: BenchConfig, streams: list[int], n: int, prompt_len: int, join_len: int) -> tuple[list[list[str]], list[str]]:
-    model = random_model(cfg)
+def bench_config(
+    cfg: BenchConfig, streams: list[int], n: int, prompt_len: int, join_len: int, quantize: str | None
+) -> tuple[list[list[str]], list[str]]:
+    model = random_model(cfg, quantize)
     scheduler = Scheduler(model, eos_id=-1, limits=Limits(max_rows=max(streams), max_cached_tokens=max(streams) * MAX_SEQ_LEN))
     g = torch.Generator().manual_seed(1)
 
@@ -209,6 +215,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--join-len", type=int, default=1000)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only, bf16 activations (default: fp32)")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args()
     if args.threads:
@@ -218,14 +225,15 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
     rows, notes = [], []
     for name in args.configs:
-        r, n = bench_config(CONFIGS[name], sorted(args.streams), args.new_tokens, args.prompt_len, args.join_len)
+        r, n = bench_config(CONFIGS[name], sorted(args.streams), args.new_tokens, args.prompt_len, args.join_len, args.quantize)
         rows += r
         notes += n
     out = table(rows) + "\n\n" + "\n".join(f"- {line}" for line in notes)
     print(out)
     if not args.no_save:
         command = "python bench/serve.py " + shlex.join(sys.argv[1:])
-        append_results(f"Serving concurrent streams (fp32, {args.new_tokens} new tokens each, continuous batching)", command, out)
+        weights = f"{args.quantize} weight-only, bf16 activations" if args.quantize else "fp32"
+        append_results(f"Serving concurrent streams ({weights}, {args.new_tokens} new tokens each, continuous batching)", command, out)
 
 
 if __name__ == "__main__":

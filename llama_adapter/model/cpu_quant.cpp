@@ -317,7 +317,6 @@ struct F32Tile {
   }
 };
 
-
 // Prompts: a GEMM on the quantized weights, with the lanes along the output.  Each thread unpacks a panel of 16
 // rows into a buffer that stays in L2 (4 weights of each row per 32-bit lane, as unsigned bytes), then every
 // tile of up to kGemmTokens tokens passes over it: one VPDPBUSD per 4 weights multiplies a token's 4 int8
@@ -545,10 +544,15 @@ Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
 #endif
 }
 
-Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) {
+// x against an int4 weight: the products' arguments.
+void check_int4(const Tensor& x, const Tensor& weight, const Tensor& scales) {
   check_int4(weight, scales);
+  check_input(x, 2 * weight.size(1));
+}
+
+Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) {
+  check_int4(x, weight, scales);
   const int64_t N = weight.size(0), K = 2 * weight.size(1);
-  check_input(x, K);
 #ifdef LA_VNNI
   const Activations a = quantized(x, kGroup, true);
   Tensor y = at::empty({x.size(0), N}, x.options());
@@ -578,9 +582,8 @@ Tensor int8_gemm(const Tensor& x, const Tensor& weight, const Tensor& scale) {
 }
 
 Tensor int4_gemm(const Tensor& x, const Tensor& weight, const Tensor& scales) {
-  check_int4(weight, scales);
+  check_int4(x, weight, scales);
   const int64_t N = weight.size(0), K = 2 * weight.size(1);
-  check_input(x, K);
 #ifdef LA_VNNI
   const Activations a = quantized(x, kGroup, true, 64);
   Tensor y = at::empty({x.size(0), N}, x.options());

@@ -18,8 +18,8 @@ threshold that ``kernels.probe`` measured at load:
   machine's GEMM (oneDNN / MKL, bf16).  For int8, where the probe finds it faster, the int8 GEMM
   instead (``Int8Linear.int_gemm``): no dequantising, the machine's int8 dot products (VNNI, AMX), and
   activations kept to about 15 bits by quantizing them in two int8 passes (the value, then what the
-  first pass missed).  Taken from the token count where it beats the fused path (never, where our
-  GEMM serves: it reads a quarter to an eighth of the bytes for the same arithmetic).
+  first pass missed).  Taken from the token count where it beats the fused path (on the machine of
+  ``bench/RESULTS.md``, never once our GEMM is in that path: it reads a quarter to an eighth of the bytes).
 On other devices the weight is dequantised for ``F.linear``; for int8 the compiled CUDA step fuses
 that into the GEMV.
 """

@@ -12,20 +12,22 @@
 // Ops (namespace llama_adapter), x [M, K] float or bf16, results [M, N] in x's dtype (bf16 ones rounded once,
 // from the fp32 accumulation, as a cast of an fp32 result would round them):
 // - int8_linear(x, weight int8 [N, K], scale float or bf16 [N]): w = q * scale[n]; activation blocks of 32.
-// - int4_linear(x, weight uint8 [N, K/2], scales half [N/4, K/128, 4, 2]): weight in the "blocked"
-//   layout below, groups of 128, w = q * scale + low; activation blocks of 128 (one per group).
+// - int4_linear(x, weight uint8 [N, K/2], scales half [N/16, K/128, 2, 16]): weight in the panel layout below,
+//   groups of 128, w = q * scale + low; activation blocks of 128 (one per group); any number of tokens.
 // - int4_dequantize(weight, scales, out [N, K] float or bf16): writes the full-precision weight into out, for
 //   the many-token path (dequantise into scratch, then the GEMM).
 // - int8_dequantize(weight int8 [N, K], scale float or bf16 [N], out [N, K] float or bf16): the same for int8,
 //   in one pass (torch's copy and multiply make two over the 90 MB of a 7B FFN matrix in bf16).
-// - int8_gemm, int4_gemm: the same products (the same arguments, activation blocks and results) for many tokens
+// - int8_gemm: int8_linear's product (the same arguments, activation blocks and results) for many tokens
 //   (prompts, batched decoding), with the lanes along the output instead of along K (see ``panel_gemm``).
 // - fp32_linear(x float [M, K], weight float [N, K]): plain x W^T for a few tokens (batched fp32 decoding).
 //
-// Blocked int4 layout: rows in blocks of 4; for block b and group g, the 4 rows' 64 bytes follow
-// each other (256 bytes), so each thread reads one sequential stream (with rows of 2 KB, four
-// separate row streams ran at 14-16 GB/s on a 2-core machine, one stream at 23-25).  In the 64
-// bytes of a group, byte j holds q[j] (low nibble) and q[j + 64] (high nibble).
+// int4 panel layout: rows in panels of 16.  For panel p and group g, 16 chunks of 64 bytes follow each other
+// (1 KiB); in chunk j, lane i (bytes 4i..4i+3) holds row 16p + i's weights 4j..4j+3 of the group in its low
+// nibbles and 64 + 4j..64 + 4j + 3 in its high nibbles.  The scales: per panel and group, the 16 rows' scales,
+// then their lows.  So each thread reads its weights as one sequential stream, and the product needs no horizontal sum and no
+// per-row scalar work: one VPDPBUSD multiplies 4 weights of 16 rows by 4 activations (the row kernel it replaced,
+// lanes along K, ran half as fast on cached weights: 35 against 66 GB/s on one core of the bench machine).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +36,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
@@ -47,7 +50,8 @@ using at::Tensor;
 
 constexpr int64_t kInt8Block = 32;    // activation block of int8_linear (llama.cpp's Q8_0 block)
 constexpr int64_t kGroup = 128;       // int4 group, and int4_linear's activation block
-constexpr int64_t kRows = 4;          // rows per tile (and per block of the int4 layout)
+constexpr int64_t kPanel = 16;        // rows per panel: the int4 layout's, and the lanes of the panel products
+constexpr int64_t kRows = 4;          // rows per pass of the row kernels, for several tokens
 constexpr int64_t kTileBytes = 256 << 10;  // weight bytes per parallel task: stays in L2 while every token passes
 
 void check_input(const Tensor& x, int64_t K) {
@@ -149,10 +153,8 @@ void over_tiles(int64_t M, int64_t N, int64_t row_bytes, Tile tile) {
       const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
       int64_t m = 0;  // (the last tile may be short: prefetches past the weight's end are dropped, never fault)
       auto ahead = [&] { return m == Tile::kMaxTokens && t + 1 < t1 ? rows * row_bytes : 0; };
-      if constexpr (Tile::kMaxTokens == 4) {
-        for (; m + 4 <= M; m += 4) tile.template run<4>(m, n0, n1, ahead());
-        if (M - m == 3) tile.template run<3>(m, n0, n1, ahead()), m += 3;
-      }
+      for (; m + 4 <= M; m += 4) tile.template run<4>(m, n0, n1, ahead());
+      if (M - m == 3) tile.template run<3>(m, n0, n1, ahead()), m += 3;
       for (; m + 2 <= M; m += 2) tile.template run<2>(m, n0, n1, ahead());
       if (m < M) tile.template run<1>(m, n0, n1, ahead());
     }
@@ -235,58 +237,6 @@ struct Int8Tile {
   }
 };
 
-struct Int4Tile {
-  // Two: with four, the accumulators (4 rows x 4 tokens) and the unpacked nibbles spill out of the 32 vector
-  // registers, and 8 tokens cost 1.1-1.3x what four passes of two do (int8, with no unpacking, gains from four).
-  static constexpr int kMaxTokens = 2;
-  const int8_t* xq;
-  const float* xs;
-  const float* xsum;
-  const uint8_t* w;
-  const uint16_t* sz;  // half
-  Out y;
-  int64_t K, N;
-
-  // Per group g: sum_k x w = s_g xs_g dot_g(q, xq) + low_g xs_g sum_g(xq).
-  template <int T>
-  void run(int64_t m0, int64_t n0, int64_t n1, int64_t ahead) const {
-    const int64_t groups = K / kGroup;
-    const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(0x0F);
-    for (int64_t n = n0; n < n1; n += kRows) {
-      __m512 acc[kRows][T];
-      float bias[kRows][T];
-      for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps(), bias[r][t] = 0.f;
-      const uint8_t* wb = w + (n / kRows) * groups * kRows * 64;
-      const uint16_t* sb = sz + (n / kRows) * groups * kRows * 2;
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512i lo[kRows], hi[kRows];
-        float s[kRows], low[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          prefetch_ahead(wb + (g * kRows + r) * 64, ahead);
-          const __m512i v = _mm512_loadu_si512(wb + (g * kRows + r) * 64);
-          lo[r] = _mm512_and_si512(v, nibble);
-          hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-          s[r] = _cvtsh_ss(sb[(g * kRows + r) * 2]);
-          low[r] = _cvtsh_ss(sb[(g * kRows + r) * 2 + 1]);
-        }
-        for (int t = 0; t < T; ++t) {
-          const int8_t* xp = xq + (m0 + t) * K + g * kGroup;
-          const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64);
-          const float sx = xs[(m0 + t) * groups + g], sum = xsum[(m0 + t) * groups + g];
-          for (int r = 0; r < kRows; ++r) {
-            const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[r], x0), hi[r], x1);
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[r] * sx), acc[r][t]);
-            bias[r][t] += low[r] * sum;
-          }
-        }
-      }
-      for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < T; ++t) y.put((m0 + t) * N + n + r, _mm512_reduce_add_ps(acc[r][t]) + bias[r][t]);
-    }
-  }
-};
-
 // Plain fp32 products for a few tokens (batched decoding): each weight row chunk is read once for up to four
 // tokens, whose accumulators stay in registers.
 struct F32Tile {
@@ -317,17 +267,39 @@ struct F32Tile {
   }
 };
 
-// Prompts: a GEMM on the quantized weights, with the lanes along the output.  Each thread unpacks a panel of 16
-// rows into a buffer that stays in L2 (4 weights of each row per 32-bit lane, as unsigned bytes), then every
-// tile of up to kGemmTokens tokens passes over it: one VPDPBUSD per 4 weights multiplies a token's 4 int8
-// activations, broadcast to all lanes, by 16 rows at once, so no sum ever needs a horizontal reduction and a
-// weight chunk loaded once serves kGemmTokens tokens.  Per activation block b (one scale xs, sum xsum = xs sum(q)):
+// Products with the lanes along the output: one VPDPBUSD multiplies 4 weights of each of 16 rows (a panel) by a
+// token's 4 int8 activations, broadcast to all lanes, so no sum needs a horizontal reduction and a weight chunk
+// loaded once serves every token of a tile.  Per activation block b (one scale xs, sum xsum = xs sum(q)):
 //   y[t, n] = sum_b A[b, n] xs[t, b] dot_b(u[n], q[t]) + L[b, n] xsum[t, b]
-// with int4 u = q, A = scale, L = low; int8 u = w + 128, A = 1, L = -128, all times the row scale at the end.
-constexpr int64_t kPanel = 16;
-constexpr int kGemmTokens = 12;  // 12 int32 and 12 fp32 accumulators, the weight chunk and a broadcast: 26 registers
+// with int4 u = q, A = scale, L = low (the weights' own layout); int8 u = w + 128, A = 1, L = -128, times the row
+// scale at the end (``panel_gemm`` transposes int8's rows into a panel buffer that stays in L2, for prompts).
+constexpr int kGemmTokens = 12;  // int8: 12 int32 and 12 fp32 accumulators, the weight chunk and a broadcast: 26 registers
+// int4: the nibbles take two more registers, and C sums per token below 4 tokens (``int4_tile``).
+constexpr int kInt4Tokens = 8;
 
 inline __mmask16 lanes(int64_t rows) { return static_cast<__mmask16>((1u << rows) - 1); }
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// run(m0, std::integral_constant<int, T>) over tiles of kMax tokens, then one tile of the rest (T a compile-time count).
+template <int kMax, typename Run>
+void rest_tile(int64_t left, int64_t m0, Run& run) {
+  if constexpr (kMax > 1) {
+    if (left == kMax - 1) return run(m0, std::integral_constant<int, kMax - 1>{});
+    rest_tile<kMax - 1>(left, m0, run);
+  }
+}
+
+template <int kMax, typename Run>
+void token_tiles(int64_t M, Run&& run) {
+  int64_t m = 0;
+  for (; m + kMax <= M; m += kMax) run(m, std::integral_constant<int, kMax>{});
+  if (m < M) rest_tile<kMax>(M - m, m, run);
+}
 
 // o[j] lane i = r[i] lane j: a 16 x 16 transpose of 32-bit values (pairs, then quads within 128-bit lanes, then
 // the 128-bit lanes themselves).
@@ -350,89 +322,74 @@ inline void transpose16(__m512i (&r)[16], __m512i (&o)[16]) {
   }
 }
 
-struct Int8Panel {
-  static constexpr int64_t kBlock = kInt8Block;
-  static constexpr bool kLow = false;
-  const int8_t* w;
-  int64_t K;
-
-  // Rows n0..n0+rows as w + 128 (w ^ 0x80): 64 bytes of each row, transposed into 16 chunks.  (A gather of 4 bytes
-  // from each of 16 rows was 2x slower where rows are 4 KB apart: all 16 fall in one L1 set.)
-  void pack(int64_t n0, int64_t rows, __m512i* buf, float*, float*) const {
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t c = 0; c < K / 64; ++c) {
-      __m512i r[16], o[16];
-      for (int64_t i = 0; i < kPanel; ++i) r[i] = i < rows ? _mm512_loadu_si512(w + (n0 + i) * K + c * 64) : _mm512_setzero_si512();
-      transpose16(r, o);
-      for (int j = 0; j < 16; ++j) buf[c * 16 + j] = _mm512_xor_si512(o[j], flip);
-    }
+// int8 rows n0..n0+rows as w + 128 (w ^ 0x80): 64 bytes of each row, transposed into 16 chunks.  (A gather of 4 bytes
+// from each of 16 rows was 2x slower where rows are 4 KB apart: all 16 fall in one L1 set.)
+void pack_int8(const int8_t* w, int64_t K, int64_t n0, int64_t rows, __m512i* buf) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < K / 64; ++c) {
+    __m512i r[16], o[16];
+    for (int64_t i = 0; i < kPanel; ++i) r[i] = i < rows ? _mm512_loadu_si512(w + (n0 + i) * K + c * 64) : _mm512_setzero_si512();
+    transpose16(r, o);
+    for (int j = 0; j < 16; ++j) buf[c * 16 + j] = _mm512_xor_si512(o[j], flip);
   }
-};
+}
 
-struct Int4Panel {
-  static constexpr int64_t kBlock = kGroup;
-  static constexpr bool kLow = true;
-  const uint8_t* w;
-  const uint16_t* sz;  // half (scale, low) per row and group, in the blocked layout
-  int64_t K;
-
-  // In the blocked layout row 4b + r of group g starts at byte ((b * groups + g) * 4 + r) * 64 and its byte j holds
-  // q[j] and q[j + 64]: the 16 rows' 64 bytes of a group, transposed, give 16 chunks of low nibbles and 16 of high.
-  // The group's (scale, low) pairs are 8 halves per block of 4 rows.
-  void pack(int64_t n0, int64_t rows, __m512i* buf, float* A, float* L) const {
-    const int64_t groups = K / kGroup, blocks = rows / kRows;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const uint8_t* base = w + (n0 / kRows) * groups * kRows * 64;
-    const uint16_t* sbase = sz + (n0 / kRows) * groups * kRows * 2;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i r[16], o[16];
-      for (int64_t i = 0; i < kPanel; ++i)
-        r[i] = i < rows ? _mm512_loadu_si512(base + ((i / kRows) * groups + g) * 256 + (i % kRows) * 64) : _mm512_setzero_si512();
-      transpose16(r, o);
-      for (int j = 0; j < 16; ++j) {
-        buf[g * 32 + j] = _mm512_and_si512(o[j], nibble);
-        buf[g * 32 + 16 + j] = _mm512_and_si512(_mm512_srli_epi32(o[j], 4), nibble);
-      }
-      __m128i pairs[4];  // block b: (scale, low) of its 4 rows
-      for (int64_t b = 0; b < 4; ++b)
-        pairs[b] = b < blocks ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sbase + (b * groups + g) * kRows * 2)) : _mm_setzero_si128();
-      const __m512 lo = _mm512_cvtph_ps(_mm256_set_m128i(pairs[1], pairs[0])), hi = _mm512_cvtph_ps(_mm256_set_m128i(pairs[3], pairs[2]));
-      _mm512_storeu_ps(A + g * kPanel, _mm512_permutex2var_ps(lo, even, hi));
-      _mm512_storeu_ps(L + g * kPanel, _mm512_permutex2var_ps(lo, odd, hi));
-    }
-  }
-};
-
-// Tokens m0..m0+T against one packed panel: out[t] gets the 16 rows' sums (before the int8 row scale).
-template <int T, typename Panel>
-void panel_tile(const __m512i* buf, const float* A, const float* L, const int8_t* xq, int64_t ld, const float* xs,
-                const float* xsum, int64_t K, int64_t m0, __m512 (&out)[T]) {
-  constexpr int64_t steps = Panel::kBlock / 4;
-  const int64_t nb = K / Panel::kBlock;
+// Tokens m0..m0+T against one packed int8 panel: out[t] gets the 16 rows' sums (before the row scale).
+template <int T>
+void int8_tile(const __m512i* buf, const Activations& a, int64_t K, int64_t m0, __m512 (&out)[T]) {
+  constexpr int64_t steps = kInt8Block / 4;
+  const int64_t nb = K / kInt8Block;
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xs = a.scales.data_ptr<float>();
   for (auto& o : out) o = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i acc[T];
-    for (auto& a : acc) a = _mm512_setzero_si512();
-    const int8_t* xb = xq + m0 * ld + b * Panel::kBlock;
+    for (auto& v : acc) v = _mm512_setzero_si512();
+    const int8_t* xb = xq + m0 * a.ld + b * kInt8Block;
     for (int64_t s = 0; s < steps; ++s) {
       const __m512i wv = _mm512_loadu_si512(buf + b * steps + s);
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], wv, _mm512_set1_epi32(four_bytes(xb + t * a.ld + 4 * s)));
+    }
+    for (int t = 0; t < T; ++t) out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(xs[(m0 + t) * nb + b]), out[t]);
+  }
+}
+
+// Tokens m0..m0+T against int4 panel wp (its scales sp): out[t] gets the 16 rows' results.  ``ahead``: bytes past
+// each chunk to prefetch (the thread's next panel), 0 for none.  With fewer than 4 tokens each token keeps C
+// separate sums, or VPDPBUSD's latency would bind instead of the memory.
+template <int T>
+void int4_tile(const uint8_t* wp, const uint16_t* sp, int64_t groups, const Activations& a, int64_t m0, int64_t ahead,
+               __m512 (&out)[T]) {
+  constexpr int C = T >= 4 ? 1 : 4 / T;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const int8_t* xq = a.q.data_ptr<int8_t>() + m0 * a.ld;
+  const float* xs = a.scales.data_ptr<float>() + m0 * groups;
+  const float* xsum = a.sums.data_ptr<float>() + m0 * groups;
+  for (auto& o : out) o = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* d = wp + g * kPanel * 64;
+    __m512i acc[C][T];
+    for (auto& c : acc)
+      for (auto& v : c) v = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      prefetch_ahead(d + j * 64, ahead);
+      const __m512i v = _mm512_loadu_si512(d + j * 64);
+      const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int t = 0; t < T; ++t) {
-        int32_t four;
-        std::memcpy(&four, xb + t * ld + 4 * s, 4);
-        acc[t] = _mm512_dpbusd_epi32(acc[t], wv, _mm512_set1_epi32(four));
+        const int8_t* x = xq + t * a.ld + g * kGroup + 4 * j;
+        acc[(2 * j) % C][t] = _mm512_dpbusd_epi32(acc[(2 * j) % C][t], lo, _mm512_set1_epi32(four_bytes(x)));
+        acc[(2 * j + 1) % C][t] = _mm512_dpbusd_epi32(acc[(2 * j + 1) % C][t], hi, _mm512_set1_epi32(four_bytes(x + 64)));
       }
     }
-    const float* xsb = xs + m0 * nb + b;
-    if constexpr (Panel::kLow) {
-      const __m512 a = _mm512_loadu_ps(A + b * kPanel), l = _mm512_loadu_ps(L + b * kPanel);
-      for (int t = 0; t < T; ++t) {
-        out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_mul_ps(a, _mm512_set1_ps(xsb[t * nb])), out[t]);
-        out[t] = _mm512_fmadd_ps(l, _mm512_set1_ps(xsum[(m0 + t) * nb + b]), out[t]);
-      }
-    } else {
-      for (int t = 0; t < T; ++t) out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(xsb[t * nb]), out[t]);
+    const uint16_t* s = sp + g * 2 * kPanel;
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + kPanel)));
+    for (int t = 0; t < T; ++t) {
+      __m512i sum = acc[0][t];
+      for (int c = 1; c < C; ++c) sum = _mm512_add_epi32(sum, acc[c][t]);
+      out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, _mm512_set1_ps(xs[t * groups + g])), out[t]);
+      out[t] = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[t * groups + g]), out[t]);
     }
   }
 }
@@ -456,35 +413,36 @@ struct PanelOut {
   }
 };
 
-template <int T, typename Panel>
-void panel_tokens(const __m512i* buf, const float* A, const float* L, const Activations& a, const PanelOut& o, int64_t K,
-                  int64_t m0, int64_t n0, int64_t rows) {
-  __m512 out[T];
-  panel_tile<T, Panel>(buf, A, L, a.q.data_ptr<int8_t>(), a.ld, a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), K, m0, out);
-  o.template put<T>(m0, n0, rows, out);
-}
-
-template <typename Panel, int T = kGemmTokens>
-void panel_rest(int64_t left, const __m512i* buf, const float* A, const float* L, const Activations& a, const PanelOut& o,
-                int64_t K, int64_t m0, int64_t n0, int64_t rows) {
-  if constexpr (T > 0) {
-    if (left == T) return panel_tokens<T, Panel>(buf, A, L, a, o, K, m0, n0, rows);
-    panel_rest<Panel, T - 1>(left, buf, A, L, a, o, K, m0, n0, rows);
-  }
-}
-
-template <typename Panel>
-void panel_gemm(const Panel& panel, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
-  const int64_t panels = (N + kPanel - 1) / kPanel, nb = K / Panel::kBlock;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+// int8 prompts: each thread transposes a panel of 16 rows into a buffer that stays in L2, then every tile of up to
+// kGemmTokens tokens passes over it.
+void panel_gemm(const int8_t* w, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
     std::vector<__m512i> buf(K / 4);
-    std::vector<float> A(Panel::kLow ? nb * kPanel : 0), L(Panel::kLow ? nb * kPanel : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel, rows = std::min(kPanel, N - n0);
-      panel.pack(n0, rows, buf.data(), A.data(), L.data());
-      int64_t m = 0;
-      for (; m + kGemmTokens <= M; m += kGemmTokens) panel_tokens<kGemmTokens, Panel>(buf.data(), A.data(), L.data(), a, o, K, m, n0, rows);
-      if (m < M) panel_rest<Panel>(M - m, buf.data(), A.data(), L.data(), a, o, K, m, n0, rows);
+      pack_int8(w, K, n0, rows, buf.data());
+      token_tiles<kGemmTokens>(M, [&](int64_t m0, auto tokens) {
+        __m512 out[decltype(tokens)::value];
+        int8_tile(buf.data(), a, K, m0, out);
+        o.put(m0, n0, rows, out);
+      });
+    }
+  });
+}
+
+// int4, any number of tokens: the first tile over a panel reads it from memory, later ones from L2; the second
+// prefetches the thread's next panel, so that the arithmetic and the memory stream overlap instead of taking turns.
+void int4_panels(const uint8_t* w, const uint16_t* sz, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
+  const int64_t groups = K / kGroup, bytes = groups * kPanel * 64;
+  at::parallel_for(0, N / kPanel, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* wp = w + p * bytes;
+      const uint16_t* sp = sz + p * groups * 2 * kPanel;
+      token_tiles<kInt4Tokens>(M, [&](int64_t m0, auto tokens) {
+        __m512 out[decltype(tokens)::value];
+        int4_tile(wp, sp, groups, a, m0, m0 == kInt4Tokens && p + 1 < p1 ? bytes : 0, out);
+        o.put(m0, p * kPanel, kPanel, out);
+      });
     }
   });
 }
@@ -513,10 +471,10 @@ void check_int4(const Tensor& weight, const Tensor& scales) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
               "int4 weight must be a contiguous uint8 [N, K/2] CPU tensor");
   const int64_t N = weight.size(0), K = 2 * weight.size(1);
-  TORCH_CHECK(N % kRows == 0 && K % kGroup == 0, "the blocked int4 layout needs N % 4 == 0 and K % 128 == 0, got ", N, "x", K);
+  TORCH_CHECK(N % kPanel == 0 && K % kGroup == 0, "the int4 panel layout needs N % 16 == 0 and K % 128 == 0, got ", N, "x", K);
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({N / kRows, K / kGroup, kRows, 2}),
-              "int4 scales must be contiguous float16 [N/4, K/128, 4, 2]");
+                  scales.sizes() == at::IntArrayRef({N / kPanel, K / kGroup, 2, kPanel}),
+              "int4 scales must be contiguous float16 [N/16, K/128, 2, 16]");
 }
 
 void check_int8(const Tensor& x, const Tensor& weight, const Tensor& scale) {
@@ -554,11 +512,10 @@ Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) 
   check_int4(x, weight, scales);
   const int64_t N = weight.size(0), K = 2 * weight.size(1);
 #ifdef LA_VNNI
-  const Activations a = quantized(x, kGroup, true);
+  const Activations a = quantized(x, kGroup, true, 64);
   Tensor y = at::empty({x.size(0), N}, x.options());
-  const Int4Tile tile{a.q.data_ptr<int8_t>(), a.scales.data_ptr<float>(), a.sums.data_ptr<float>(), weight.data_ptr<uint8_t>(),
-                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), output_of(y), K, N};
-  over_tiles(x.size(0), N, K / 2, tile);
+  const PanelOut o{output_of(y), N, nullptr, nullptr};
+  int4_panels(weight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), a, o, x.size(0), N, K);
   return y;
 #else
   TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
@@ -574,21 +531,7 @@ Tensor int8_gemm(const Tensor& x, const Tensor& weight, const Tensor& scale) {
   const Tensor offset = a.sums.sum(1).mul_(128.f).contiguous();
   Tensor y = at::empty({x.size(0), N}, x.options());
   const PanelOut o{output_of(y), N, row_scale.data_ptr<float>(), offset.data_ptr<float>()};
-  panel_gemm(Int8Panel{weight.data_ptr<int8_t>(), K}, a, o, x.size(0), N, K);
-  return y;
-#else
-  TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
-#endif
-}
-
-Tensor int4_gemm(const Tensor& x, const Tensor& weight, const Tensor& scales) {
-  check_int4(x, weight, scales);
-  const int64_t N = weight.size(0), K = 2 * weight.size(1);
-#ifdef LA_VNNI
-  const Activations a = quantized(x, kGroup, true, 64);
-  Tensor y = at::empty({x.size(0), N}, x.options());
-  const PanelOut o{output_of(y), N, nullptr, nullptr};
-  panel_gemm(Int4Panel{weight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), K}, a, o, x.size(0), N, K);
+  panel_gemm(weight.data_ptr<int8_t>(), a, o, x.size(0), N, K);
   return y;
 #else
   TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
@@ -605,19 +548,22 @@ void int4_dequantize(const Tensor& weight, const Tensor& scales, const Tensor& o
   const at::Half* sz = scales.data_ptr<at::Half>();
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   void* base = out.data_ptr();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N / kPanel, 1, [&](int64_t p0, int64_t p1) {
     float row[kGroup];
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t r = 0; r < kRows; ++r) {
-          const uint8_t* p = w + ((b * groups + g) * kRows + r) * 64;
-          const float s = static_cast<float>(sz[((b * groups + g) * kRows + r) * 2]);
-          const float low = static_cast<float>(sz[((b * groups + g) * kRows + r) * 2 + 1]);
-          for (int j = 0; j < 64; ++j) {
-            row[j] = static_cast<float>(p[j] & 15) * s + low;
-            row[j + 64] = static_cast<float>(p[j] >> 4) * s + low;
+        const uint8_t* d = w + (p * groups + g) * kPanel * 64;
+        const at::Half* s = sz + (p * groups + g) * 2 * kPanel;
+        for (int64_t i = 0; i < kPanel; ++i) {
+          const float scale = static_cast<float>(s[i]), low = static_cast<float>(s[kPanel + i]);
+          for (int j = 0; j < 16; ++j) {
+            for (int b = 0; b < 4; ++b) {
+              const uint8_t byte = d[j * 64 + i * 4 + b];
+              row[4 * j + b] = static_cast<float>(byte & 15) * scale + low;
+              row[64 + 4 * j + b] = static_cast<float>(byte >> 4) * scale + low;
+            }
           }
-          const int64_t offset = (b * kRows + r) * K + g * kGroup;
+          const int64_t offset = (p * kPanel + i) * K + g * kGroup;
           if (bf16) {
             uint16_t* o = static_cast<uint16_t*>(base) + offset;
             for (int j = 0; j < kGroup; ++j) o[j] = to_bf16(row[j]);
@@ -669,7 +615,6 @@ TORCH_LIBRARY(llama_adapter, m) {
   m.def("int8_dequantize(Tensor weight, Tensor scale, Tensor(a!) out) -> ()");
   m.def("fp32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_gemm(Tensor x, Tensor weight, Tensor scale) -> Tensor");
-  m.def("int4_gemm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
@@ -679,5 +624,4 @@ TORCH_LIBRARY_IMPL(llama_adapter, CPU, m) {
   m.impl("int8_dequantize", int8_dequantize);
   m.impl("fp32_linear", fp32_linear);
   m.impl("int8_gemm", int8_gemm);
-  m.impl("int4_gemm", int4_gemm);
 }

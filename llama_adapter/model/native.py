@@ -81,7 +81,7 @@ def _register_fakes() -> None:
     def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # x [M, K], weight [N, ...]
         return x.new_empty((x.shape[0], weight.shape[0]))
 
-    for product in ("int8_linear", "int4_linear", "int8_gemm", "int4_gemm"):
+    for product in ("int8_linear", "int4_linear", "int8_gemm"):
         torch.library.register_fake(f"llama_adapter::{product}")(_product)
 
     @torch.library.register_fake("llama_adapter::fp32_linear")

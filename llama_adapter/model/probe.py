@@ -74,7 +74,7 @@ def _usable(fn: Callable[[], object]) -> bool:
 
 def quantized_module(mode: str, weight: torch.Tensor, kernel_dtype: torch.dtype, ours: bool = False) -> QuantizedLinear:
     """An Int8Linear / Int4Linear on the CPU holding ``weight`` quantized (what ``build.fill`` makes);
-    with ``ours``, an int4 weight in our kernel's blocked layout."""
+    with ``ours``, an int4 weight in our kernel's panel layout."""
     out_features, in_features = weight.shape
     if mode == "int8":
         m: QuantizedLinear = Int8Linear(in_features, out_features, torch.bfloat16)
@@ -126,7 +126,7 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
         kernel_dtype = min(torch_dtypes, key=lambda dt: timings[False, dt])
     plan = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: kernel_dtype})
     mods = [quantized_module(mode, w, kernel_dtype, ours) for w in weights]
-    if ours:
+    if ours and mode == "int8":  # (int4's one kernel takes any number of tokens)
         plan = replace(plan, ours_gemm_from={**plan.ours_gemm_from, mode: _ours_gemm_from(mods, plan, mode, dtype)})
     dequantize = all(m.can_dequantize() for m in mods)
     if not dequantize and not int_gemm:

@@ -185,8 +185,8 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """``weight`` [out, in/2] uint8, two 4-bit values q per byte, in one of three layouts:
 
-    - "blocked" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``scales_and_zeros`` is float16
-      [out/4, in/group, 4, 2] holding (scale, low) with w = q * scale + low;
+    - "panels" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``scales_and_zeros`` is float16
+      [out/16, in/group, 2, 16] holding 16 rows' scales, then their lows, with w = q * scale + low;
     - "torch" (torch's CPU kernel's packed order) and "rows" (row by row, low nibble first; other
       devices): ``scales_and_zeros`` [in/group, out, 2] with w = (q - 8) * scale + zero.
 
@@ -216,13 +216,12 @@ class Int4Linear(QuantizedLinear):
     @property
     def layout(self) -> str:
         if self.scales_and_zeros.dim() == 4:
-            return "blocked"
+            return "panels"
         return "torch" if self.weight.device.type == "cpu" and int4_cpu_layout() else "rows"
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
-        if self.layout == "blocked":
-            op = torch.ops.llama_adapter.int4_gemm if x.shape[0] >= plan.ours_gemm_from["int4"] else torch.ops.llama_adapter.int4_linear
-            return op(x, self.weight, self.scales_and_zeros)
+        if self.layout == "panels":  # one kernel for any number of tokens
+            return torch.ops.llama_adapter.int4_linear(x, self.weight, self.scales_and_zeros)
         x = x.to(plan.kernel_dtype["int4"])
         return torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
 
@@ -232,7 +231,7 @@ class Int4Linear(QuantizedLinear):
         return self.out_features % _INT4_BLOCK_ROWS == 0 and cpu_unpack_ok()
 
     def dequantize(self, out: Tensor) -> Tensor:
-        if self.layout == "blocked":
+        if self.layout == "panels":
             torch.ops.llama_adapter.int4_dequantize(self.weight, self.scales_and_zeros, out)
             return out
         q = unpack_int4(self.weight, self.layout == "torch")
@@ -292,25 +291,26 @@ def quantize_int4(weight: Tensor, scale_dtype: torch.dtype, group: int = INT4_GR
     return q, scales_and_zeros
 
 
-def blocked_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """``quantize_int4``'s output in our kernel's blocked layout: (weight [out, in/2], float16 scales
-    [out/4, in/group, 4, 2] of (scale, low)).  Needs out % 4 == 0 (``ours_fits``)."""
+def panel_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize_int4``'s output in our kernel's panel layout (``cpu_quant.cpp``): (weight [out, in/2], float16
+    scales [out/16, in/group, 2, 16] of each panel's 16 scales, then its 16 lows).  Needs out % 16 == 0 (``ours_fits``)."""
     rows, cols = q.shape
     groups = cols // INT4_GROUP
-    halves = q.view(rows // 4, 4, groups, 2, INT4_GROUP // 2)
-    packed = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
+    # [panel, row, group, half, chunk, byte] -> bytes [panel, group, chunk, row, byte]: the low half in low nibbles.
+    v = q.view(rows // 16, 16, groups, 2, 16, 4)
+    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(rows, cols // 2)
     scale, zero = scales_and_zeros[..., 0].float().t(), scales_and_zeros[..., 1].float().t()  # [out, groups]
     low = zero - 8 * scale  # (q - 8) * scale + zero == q * scale + low
-    sz = torch.stack([scale, low], dim=-1).view(rows // 4, 4, groups, 2).transpose(1, 2).contiguous().half()
+    sz = torch.stack([scale, low], dim=1).view(rows // 16, 16, 2, groups).permute(0, 3, 2, 1).contiguous().half()
     return packed, sz
 
 
 def ours_fits(mode: str, out_features: int, in_features: int) -> bool:
-    """Whether our kernel takes a matrix of this shape: int8 rows of whole 64-byte chunks; int4 the blocked
-    layout (rows in fours, whole groups)."""
+    """Whether our kernel takes a matrix of this shape: int8 rows of whole 64-byte chunks; int4 the panel
+    layout (rows in sixteens, whole groups)."""
     if mode == "int8":
         return in_features % 64 == 0
-    return out_features % 4 == 0 and in_features % INT4_GROUP == 0
+    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 
 def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str:
@@ -318,14 +318,14 @@ def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str
     if device.type != "cpu":
         return "rows"
     if ours and ours_fits("int4", *shape):
-        return "blocked"
+        return "panels"
     return "torch" if int4_cpu_layout() else "rows"
 
 
 def int4_tensors(weight: Tensor, layout: str, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(weight, scales_and_zeros) of ``weight`` quantized to int4 in ``layout``; the blocked layout's scales are float16."""
-    if layout == "blocked":
-        return blocked_int4(*quantize_int4(weight, torch.float32))
+    """(weight, scales_and_zeros) of ``weight`` quantized to int4 in ``layout``; the panel layout's scales are float16."""
+    if layout == "panels":
+        return panel_int4(*quantize_int4(weight, torch.float32))
     q, scales_and_zeros = quantize_int4(weight, scale_dtype)
     return pack_int4(q, layout == "torch"), scales_and_zeros
 

@@ -24,6 +24,7 @@ from llama_adapter.model.quantize import (
     int4_cpu_layout,
     on_huge_pages,
     pack_int4,
+    panel_int4,
     quantize_int4,
     quantize_weight,
     unpack_int4,
@@ -274,3 +275,12 @@ def test_quantized_weights_are_moved_to_huge_pages_unchanged() -> None:
     assert torch.equal(w1.weight, want) and torch.equal(w1.scale, scale)
     small = torch.zeros(16, 64, dtype=torch.int8)
     assert on_huge_pages(small) is small
+    # int4 in our panel layout: weights and scales, views of one buffer, are made there in the first place.
+    args = replace(args, dim=2048)  # 5632 x 2048: 6.1 MiB of int4 panels
+    tensors = {n: torch.randn(t.shape) * 0.02 for n, t in meta_model(args, None, torch.float32).state_dict().items()}
+    with kernels.using(ours={"int8": False, "int4": True}):
+        model = build_model(args, None, tensors.items(), dtype=torch.float32, device=torch.device("cpu"), int4=["layers.0.feed_forward.w1"])
+    w1 = model.layers[0].feed_forward.w1
+    assert w1.layout == "panels" and w1.weight.data_ptr() % HUGE_PAGE == 0
+    want = panel_int4(*quantize_int4(tensors["layers.0.feed_forward.w1.weight"], torch.float32))
+    assert torch.equal(w1.weight, want[0]) and torch.equal(w1.scales_and_zeros, want[1])

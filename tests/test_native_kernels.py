@@ -93,14 +93,17 @@ def test_int4_panel_layout_product_and_dequantisation_follow_their_formulas(ops)
     w = torch.randn(48, 3 * INT4_GROUP) * 0.05
     q, sz = quantize_int4(w, torch.float32)
     packed, scales = panel_int4(q, sz)
-    assert packed.shape == (48, 3 * INT4_GROUP // 2) and scales.shape == (3, 3, 2, 16) and scales.dtype == torch.float16
-    # The layout itself, byte by byte: panel p, group g, chunk j, lane i holds row 16p + i's weights 4j..4j+3 of the
-    # group (low nibbles) and 64 + 4j.. (high nibbles); the scales hold 16 rows' scales, then their lows.
+    assert packed.shape == (3, 3, 1024) and scales.shape == (3, 3, 2, 16) and scales.dtype == torch.float16
+    # The layout itself, byte by byte, in the one buffer: per panel p and group g, 1088 bytes; chunk j's lane i holds
+    # row 16p + i's weights 4j..4j+3 of the group (low nibbles) and 64 + 4j.. (high nibbles); then the 16 rows'
+    # float16 scales, then their lows.
+    buf = torch.frombuffer(bytearray(packed.untyped_storage()), dtype=torch.uint8)[packed.storage_offset() :][: 3 * 3 * 1088]
     p, g, j, i = 2, 1, 5, 9
-    row, k = 16 * p + i, g * INT4_GROUP + 4 * j
-    chunk = packed.view(-1)[((p * 3 + g) * 16 + j) * 64 + 4 * i :][:4]
+    row, k, at = 16 * p + i, g * INT4_GROUP + 4 * j, (p * 3 + g) * 1088
+    chunk = buf[at + j * 64 + 4 * i :][:4]
     assert torch.equal(chunk & 15, q[row, k : k + 4]) and torch.equal(chunk >> 4, q[row, k + 64 : k + 68])
-    assert scales[p, g, 0, i] == sz[g, row, 0].half() and scales[p, g, 1, i] == (sz[g, row, 1] - 8 * sz[g, row, 0]).half()
+    halves = buf[at + 1024 : at + 1088].view(torch.float16)
+    assert halves[i] == sz[g, row, 0].half() and halves[16 + i] == (sz[g, row, 1] - 8 * sz[g, row, 0]).half()
     want_w = int4_by_formula(q, sz)
     out = torch.empty(48, 3 * INT4_GROUP)
     ops.int4_dequantize(packed, scales, out)
@@ -224,7 +227,8 @@ def test_compiled_code_calls_our_kernels(ops) -> None:
     torch.testing.assert_close(compiled(x), step(x))
 
 
-PANEL_SCALES = torch.zeros(1, 1, 2, 16).half()  # one panel's, for one group
+PANEL_W, PANEL_SCALES = panel_int4(torch.zeros(16, 128, dtype=torch.uint8), torch.ones(1, 16, 2))  # one panel, one group
+TWO_GROUPS = panel_int4(torch.zeros(16, 256, dtype=torch.uint8), torch.ones(2, 16, 2))
 
 
 @pytest.mark.parametrize(
@@ -239,14 +243,12 @@ PANEL_SCALES = torch.zeros(1, 1, 2, 16).half()  # one panel's, for one group
         (lambda o: o.int8_gemm(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(3)), "scale must be"),
         (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), torch.empty(4, 32)), "out must be"),
         (lambda o: o.int8_dequantize(torch.zeros(4, 64, dtype=torch.int8), torch.ones(5), torch.empty(4, 64)), "scale must be"),
-        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(24, 64, dtype=torch.uint8), PANEL_SCALES), "N % 16"),
-        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(16, 64, dtype=torch.uint8), PANEL_SCALES.float()), "float16"),
-        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(16, 64, dtype=torch.uint8), PANEL_SCALES.view(1, 1, 4, 8)), "\\[N/16"),
-        (lambda o: o.int4_linear(torch.randn(1, 256), torch.zeros(16, 64, dtype=torch.uint8), PANEL_SCALES), "x has 256"),
-        (
-            lambda o: o.int4_dequantize(torch.zeros(16, 64, dtype=torch.uint8), PANEL_SCALES, torch.empty(16, 64)),
-            "out must be",
-        ),
+        (lambda o: o.int4_linear(torch.randn(1, 128), torch.zeros(16, 64, dtype=torch.uint8), PANEL_SCALES), "uint8 \\[N/16"),
+        (lambda o: o.int4_linear(torch.randn(1, 256), TWO_GROUPS[0].contiguous(), TWO_GROUPS[1]), "groups 1088 bytes apart"),
+        (lambda o: o.int4_linear(torch.randn(1, 128), PANEL_W, PANEL_SCALES.clone()), "view of the weight's buffer"),
+        (lambda o: o.int4_linear(torch.randn(1, 128), PANEL_W, PANEL_SCALES.float()), "float16"),
+        (lambda o: o.int4_linear(torch.randn(1, 256), PANEL_W, PANEL_SCALES), "x has 256"),
+        (lambda o: o.int4_dequantize(PANEL_W, PANEL_SCALES, torch.empty(16, 64)), "out must be"),
         (lambda o: o.one_query_attention(torch.randn(1, 4, 2, 16), *[torch.randn(1, 4, 5, 16)] * 2, None), "one query per row"),
         (lambda o: o.one_query_attention(torch.randn(1, 6, 1, 16), *[torch.randn(1, 4, 5, 16)] * 2, None), "not a multiple"),
         (lambda o: o.one_query_attention(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 5, 16), torch.randn(1, 4, 6, 16), None), "differ"),

@@ -81,7 +81,7 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
             release_free_memory()  # the quantizer's temporaries, before the next matrix's pile onto them
         elif name in int4 and t.dtype != torch.uint8:
             q, state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
-            state[name] = on_huge_pages(q)
+            state[name] = q if q.dim() == 3 else on_huge_pages(q)  # our panels come on 2 MiB pages, with their scales
             del q
             release_free_memory()
         elif name in int4_scales or name in int4:
@@ -96,9 +96,10 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
         state[TIED_HEAD], state["output.scale"] = quantize_weight(state[TIED_EMBEDDING], dtype)
     elif tied and TIED_HEAD not in state:
         state[TIED_HEAD], state["output.scales_and_zeros"] = _quantize_int4(state[TIED_EMBEDDING], dtype, device)
-    for name in int4_scales & state.keys():  # int4 scales come in their layout's shape (``Int4Linear``)
+    for name in int4_scales & state.keys():  # int4 tensors come in their layout's shapes (``Int4Linear``)
         module = modules[name.removesuffix(".scales_and_zeros")]
         module.scales_and_zeros = torch.empty_like(state[name], device="meta")
+        module.weight = torch.empty_like(state[name.removesuffix("scales_and_zeros") + "weight"], device="meta")
     fresh = {n: p for n, p in model.adapter_parameters().items() if n not in state}
     for name, p in fresh.items():
         state[name] = torch.empty(p.shape, dtype=serving_dtype(name, dtype), device=device)

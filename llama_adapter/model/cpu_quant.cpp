@@ -12,7 +12,7 @@
 // Ops (namespace llama_adapter), x [M, K] float or bf16, results [M, N] in x's dtype (bf16 ones rounded once,
 // from the fp32 accumulation, as a cast of an fp32 result would round them):
 // - int8_linear(x, weight int8 [N, K], scale float or bf16 [N]): w = q * scale[n]; activation blocks of 32.
-// - int4_linear(x, weight uint8 [N, K/2], scales half [N/16, K/128, 2, 16]): weight in the panel layout below,
+// - int4_linear(x, weight uint8 [N/16, K/128, 1024], scales half [N/16, K/128, 2, 16]): the panel layout below,
 //   groups of 128, w = q * scale + low; activation blocks of 128 (one per group); any number of tokens.
 // - int4_dequantize(weight, scales, out [N, K] float or bf16): writes the full-precision weight into out, for
 //   the many-token path (dequantise into scratch, then the GEMM).
@@ -22,12 +22,13 @@
 //   (prompts, batched decoding), with the lanes along the output instead of along K (see ``panel_gemm``).
 // - fp32_linear(x float [M, K], weight float [N, K]): plain x W^T for a few tokens (batched fp32 decoding).
 //
-// int4 panel layout: rows in panels of 16.  For panel p and group g, 16 chunks of 64 bytes follow each other
-// (1 KiB); in chunk j, lane i (bytes 4i..4i+3) holds row 16p + i's weights 4j..4j+3 of the group in its low
-// nibbles and 64 + 4j..64 + 4j + 3 in its high nibbles.  The scales: per panel and group, the 16 rows' scales,
-// then their lows.  So each thread reads its weights as one sequential stream, and the product needs no horizontal sum and no
-// per-row scalar work: one VPDPBUSD multiplies 4 weights of 16 rows by 4 activations (the row kernel it replaced,
-// lanes along K, ran half as fast on cached weights: 35 against 66 GB/s on one core of the bench machine).
+// int4 panel layout: rows in panels of 16.  For panel p and group g, 16 chunks of 64 bytes (1 KiB), then the 16
+// rows' scales and their lows (float16, 64 bytes); in chunk j, lane i (bytes 4i..4i+3) holds row 16p + i's weights
+// 4j..4j+3 of the group in its low nibbles and 64 + 4j..64 + 4j + 3 in its high nibbles.  weight and scales are
+// views of that one buffer, so each thread reads one sequential stream (with the scales in an array of their own,
+// 10% slower at 50 GB/s), and the product needs no horizontal sum and no per-row scalar work: one VPDPBUSD
+// multiplies 4 weights of 16 rows by 4 activations (the row kernel it replaced, lanes along K, ran half as fast on
+// cached weights: 35 against 66 GB/s on one core of the bench machine).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__) && defined(__F16C__)
@@ -51,6 +53,7 @@ using at::Tensor;
 constexpr int64_t kInt8Block = 32;    // activation block of int8_linear (llama.cpp's Q8_0 block)
 constexpr int64_t kGroup = 128;       // int4 group, and int4_linear's activation block
 constexpr int64_t kPanel = 16;        // rows per panel: the int4 layout's, and the lanes of the panel products
+constexpr int64_t kPanelStride = kPanel * kGroup / 2 + kPanel * 4;  // int4: a panel's weights and scales of a group
 constexpr int64_t kRows = 4;          // rows per pass of the row kernels, for several tokens
 constexpr int64_t kTileBytes = 256 << 10;  // weight bytes per parallel task: stays in L2 while every token passes
 
@@ -354,12 +357,11 @@ void int8_tile(const __m512i* buf, const Activations& a, int64_t K, int64_t m0, 
   }
 }
 
-// Tokens m0..m0+T against int4 panel wp (its scales sp): out[t] gets the 16 rows' results.  ``ahead``: bytes past
+// Tokens m0..m0+T against int4 panel wp: out[t] gets the 16 rows' results.  ``ahead``: bytes past
 // each chunk to prefetch (the thread's next panel), 0 for none.  With fewer than 4 tokens each token keeps C
 // separate sums, or VPDPBUSD's latency would bind instead of the memory.
 template <int T>
-void int4_tile(const uint8_t* wp, const uint16_t* sp, int64_t groups, const Activations& a, int64_t m0, int64_t ahead,
-               __m512 (&out)[T]) {
+void int4_tile(const uint8_t* wp, int64_t groups, const Activations& a, int64_t m0, int64_t ahead, __m512 (&out)[T]) {
   constexpr int C = T >= 4 ? 1 : 4 / T;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const int8_t* xq = a.q.data_ptr<int8_t>() + m0 * a.ld;
@@ -367,7 +369,7 @@ void int4_tile(const uint8_t* wp, const uint16_t* sp, int64_t groups, const Acti
   const float* xsum = a.sums.data_ptr<float>() + m0 * groups;
   for (auto& o : out) o = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* d = wp + g * kPanel * 64;
+    const uint8_t* d = wp + g * kPanelStride;
     __m512i acc[C][T];
     for (auto& c : acc)
       for (auto& v : c) v = _mm512_setzero_si512();
@@ -382,7 +384,7 @@ void int4_tile(const uint8_t* wp, const uint16_t* sp, int64_t groups, const Acti
         acc[(2 * j + 1) % C][t] = _mm512_dpbusd_epi32(acc[(2 * j + 1) % C][t], hi, _mm512_set1_epi32(four_bytes(x + 64)));
       }
     }
-    const uint16_t* s = sp + g * 2 * kPanel;
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(d + kPanel * 64);
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
     const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + kPanel)));
     for (int t = 0; t < T; ++t) {
@@ -432,15 +434,14 @@ void panel_gemm(const int8_t* w, const Activations& a, const PanelOut& o, int64_
 
 // int4, any number of tokens: the first tile over a panel reads it from memory, later ones from L2; the second
 // prefetches the thread's next panel, so that the arithmetic and the memory stream overlap instead of taking turns.
-void int4_panels(const uint8_t* w, const uint16_t* sz, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
-  const int64_t groups = K / kGroup, bytes = groups * kPanel * 64;
+void int4_panels(const uint8_t* w, const Activations& a, const PanelOut& o, int64_t M, int64_t N, int64_t K) {
+  const int64_t groups = K / kGroup, bytes = groups * kPanelStride;
   at::parallel_for(0, N / kPanel, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* wp = w + p * bytes;
-      const uint16_t* sp = sz + p * groups * 2 * kPanel;
       token_tiles<kInt4Tokens>(M, [&](int64_t m0, auto tokens) {
         __m512 out[decltype(tokens)::value];
-        int4_tile(wp, sp, groups, a, m0, m0 == kInt4Tokens && p + 1 < p1 ? bytes : 0, out);
+        int4_tile(wp, groups, a, m0, m0 == kInt4Tokens && p + 1 < p1 ? bytes : 0, out);
         o.put(m0, p * kPanel, kPanel, out);
       });
     }
@@ -467,14 +468,26 @@ Tensor fp32_linear(const Tensor& x, const Tensor& weight) {
 #endif
 }
 
-void check_int4(const Tensor& weight, const Tensor& scales) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.is_contiguous(),
-              "int4 weight must be a contiguous uint8 [N, K/2] CPU tensor");
-  const int64_t N = weight.size(0), K = 2 * weight.size(1);
-  TORCH_CHECK(N % kPanel == 0 && K % kGroup == 0, "the int4 panel layout needs N % 16 == 0 and K % 128 == 0, got ", N, "x", K);
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({N / kPanel, K / kGroup, 2, kPanel}),
-              "int4 scales must be contiguous float16 [N/16, K/128, 2, 16]");
+// Whether t's dimensions have these strides (a dimension of size 1 may have any).
+bool strided(const Tensor& t, at::IntArrayRef strides) {
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1 && t.stride(d) != strides[d]) return false;
+  return true;
+}
+
+// The panel layout's two views of one buffer: weight [P, G, 1024] and scales [P, G, 2, 16] half right after each
+// 1024 bytes.  Returns (N, K).
+std::pair<int64_t, int64_t> check_int4(const Tensor& weight, const Tensor& scales) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.dim() == 3 && weight.size(2) == kPanel * 64,
+              "int4 weight must be a uint8 [N/16, K/128, 1024] CPU tensor (the panel layout's view, llama_adapter.model.quantize.panel_int4)");
+  const int64_t P = weight.size(0), G = weight.size(1);
+  TORCH_CHECK(strided(weight, {G * kPanelStride, kPanelStride, 1}), "int4 weight must be the panel layout's view: groups ",
+              kPanelStride, " bytes apart");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.sizes() == at::IntArrayRef({P, G, 2, kPanel}) &&
+                  strided(scales, {G * kPanelStride / 2, kPanelStride / 2, kPanel, 1}) &&
+                  static_cast<const char*>(scales.data_ptr()) == static_cast<const char*>(weight.data_ptr()) + kPanel * 64,
+              "int4 scales must be float16 [N/16, K/128, 2, 16], the panel layout's view of the weight's buffer");
+  return {P * kPanel, G * kGroup};
 }
 
 void check_int8(const Tensor& x, const Tensor& weight, const Tensor& scale) {
@@ -502,20 +515,14 @@ Tensor int8_linear(const Tensor& x, const Tensor& weight, const Tensor& scale) {
 #endif
 }
 
-// x against an int4 weight: the products' arguments.
-void check_int4(const Tensor& x, const Tensor& weight, const Tensor& scales) {
-  check_int4(weight, scales);
-  check_input(x, 2 * weight.size(1));
-}
-
 Tensor int4_linear(const Tensor& x, const Tensor& weight, const Tensor& scales) {
-  check_int4(x, weight, scales);
-  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  const auto [N, K] = check_int4(weight, scales);
+  check_input(x, K);
 #ifdef LA_VNNI
   const Activations a = quantized(x, kGroup, true, 64);
   Tensor y = at::empty({x.size(0), N}, x.options());
   const PanelOut o{output_of(y), N, nullptr, nullptr};
-  int4_panels(weight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), a, o, x.size(0), N, K);
+  int4_panels(weight.data_ptr<uint8_t>(), a, o, x.size(0), N, K);
   return y;
 #else
   TORCH_CHECK(false, "llama_adapter's CPU kernels were built without AVX-512 VNNI");
@@ -539,21 +546,20 @@ Tensor int8_gemm(const Tensor& x, const Tensor& weight, const Tensor& scale) {
 }
 
 void int4_dequantize(const Tensor& weight, const Tensor& scales, const Tensor& out) {
-  check_int4(weight, scales);
-  const int64_t N = weight.size(0), K = 2 * weight.size(1), groups = K / kGroup;
+  const auto [N, K] = check_int4(weight, scales);
+  const int64_t groups = K / kGroup;
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == at::IntArrayRef({N, K}) &&
                   (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "out must be a contiguous float32 or bfloat16 [N, K] CPU tensor");
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  const at::Half* sz = scales.data_ptr<at::Half>();
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   void* base = out.data_ptr();
   at::parallel_for(0, N / kPanel, 1, [&](int64_t p0, int64_t p1) {
     float row[kGroup];
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* d = w + (p * groups + g) * kPanel * 64;
-        const at::Half* s = sz + (p * groups + g) * 2 * kPanel;
+        const uint8_t* d = w + (p * groups + g) * kPanelStride;
+        const at::Half* s = reinterpret_cast<const at::Half*>(d + kPanel * 64);
         for (int64_t i = 0; i < kPanel; ++i) {
           const float scale = static_cast<float>(s[i]), low = static_cast<float>(s[kPanel + i]);
           for (int j = 0; j < 16; ++j) {

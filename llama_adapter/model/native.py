@@ -78,11 +78,15 @@ def ops() -> Any | None:
 def _register_fakes() -> None:
     """Output shapes for torch.compile's tracing, so that a compiled decode step (``--compile``) can call our kernels."""
 
-    def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # x [M, K], weight [N, ...]
+    def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # x [M, K], weight [N, K]
         return x.new_empty((x.shape[0], weight.shape[0]))
 
-    for product in ("int8_linear", "int4_linear", "int8_gemm"):
+    for product in ("int8_linear", "int8_gemm"):
         torch.library.register_fake(f"llama_adapter::{product}")(_product)
+
+    @torch.library.register_fake("llama_adapter::int4_linear")
+    def _int4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # weight [N/16, K/128, 1024]
+        return x.new_empty((x.shape[0], weight.shape[0] * 16))
 
     @torch.library.register_fake("llama_adapter::fp32_linear")
     def _fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -59,18 +59,17 @@ def release_free_memory() -> bool:
 HUGE_PAGE = 2 << 20
 
 
-def on_huge_pages(t: Tensor) -> Tensor:
-    """``t`` (a quantized CPU weight) copied into memory that Linux may back with 2 MiB pages; smaller tensors, other
-    devices and systems without ``madvise(MADV_HUGEPAGE)`` keep ``t``.
+def huge_page_bytes(size: int) -> Tensor:
+    """An uninitialised uint8 CPU tensor of ``size`` bytes in memory that Linux may back with 2 MiB pages (where it
+    has ``madvise(MADV_HUGEPAGE)``; plain memory otherwise).
 
     Decoding streams every weight once per token, and on 4 KiB pages our kernels read 7B's FFN matrices at 27 (int4)
     and 30 (int8) GB/s against 32 on 2 MiB pages (2-core VM, ``bench/RESULTS.md``). Transparent huge pages are
     commonly given only on request (``madvise`` mode), and torch's allocator does not ask. Only whole 2 MiB pages
-    inside ``t`` are asked for, so the footprint does not grow.
+    inside the tensor are asked for, so the footprint does not grow.
     """
-    size = t.numel() * t.element_size()
-    if t.device.type != "cpu" or size < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return t
+    if size < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(size, dtype=torch.uint8)
     # Private anonymous memory (shared would be shmem, which has its own, usually disabled, huge page setting); it is
     # unmapped when the last tensor on it goes.
     buf = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -78,9 +77,17 @@ def on_huge_pages(t: Tensor) -> Tensor:
     start = -whole.data_ptr() % HUGE_PAGE
     try:
         buf.madvise(mmap.MADV_HUGEPAGE, start, size // HUGE_PAGE * HUGE_PAGE)
-    except OSError:  # a kernel without transparent huge pages: the copy still works
+    except OSError:  # a kernel without transparent huge pages: the memory still works
         pass
-    return whole[start : start + size].view(t.dtype).view(t.shape).copy_(t)
+    return whole[start : start + size]
+
+
+def on_huge_pages(t: Tensor) -> Tensor:
+    """``t`` (a quantized CPU weight) copied into ``huge_page_bytes``; smaller tensors and other devices keep ``t``."""
+    size = t.numel() * t.element_size()
+    if t.device.type != "cpu" or size < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    return huge_page_bytes(size).view(t.dtype).view(t.shape).copy_(t)
 
 
 # torch's CPU int4 packing interleaves blocks of this many output rows (with AVX-512 and AVX2 alike).
@@ -185,8 +192,9 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """``weight`` [out, in/2] uint8, two 4-bit values q per byte, in one of three layouts:
 
-    - "panels" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``scales_and_zeros`` is float16
-      [out/16, in/group, 2, 16] holding 16 rows' scales, then their lows, with w = q * scale + low;
+    - "panels" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``weight`` [out/16, in/group, 1024] and
+      ``scales_and_zeros`` float16 [out/16, in/group, 2, 16] (16 rows' scales, then their lows, w = q * scale + low)
+      are views of one buffer, so that decoding reads them as one stream (``panel_int4``);
     - "torch" (torch's CPU kernel's packed order) and "rows" (row by row, low nibble first; other
       devices): ``scales_and_zeros`` [in/group, out, 2] with w = (q - 8) * scale + zero.
 
@@ -291,18 +299,28 @@ def quantize_int4(weight: Tensor, scale_dtype: torch.dtype, group: int = INT4_GR
     return q, scales_and_zeros
 
 
+PANEL_ROWS = 16  # rows per panel of our int4 layout
+PANEL_BYTES = PANEL_ROWS * INT4_GROUP // 2  # one panel's weights of one group
+PANEL_STRIDE = PANEL_BYTES + PANEL_ROWS * 4  # and their float16 scales and lows
+
+
 def panel_int4(q: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """``quantize_int4``'s output in our kernel's panel layout (``cpu_quant.cpp``): (weight [out, in/2], float16
-    scales [out/16, in/group, 2, 16] of each panel's 16 scales, then its 16 lows).  Needs out % 16 == 0 (``ours_fits``)."""
+    """``quantize_int4``'s output in our kernel's panel layout (``cpu_quant.cpp``), in one buffer on 2 MiB pages where
+    it is large enough: per panel of 16 rows and group, 1 KiB of weights and then the 16 rows' float16 scales and
+    lows.  Returns two views of it: weights [out/16, in/group, 1024] and scales [out/16, in/group, 2, 16].  Needs
+    out % 16 == 0 (``ours_fits``)."""
     rows, cols = q.shape
-    groups = cols // INT4_GROUP
+    panels, groups = rows // PANEL_ROWS, cols // INT4_GROUP
+    buf = huge_page_bytes(panels * groups * PANEL_STRIDE).view(panels, groups, PANEL_STRIDE)
     # [panel, row, group, half, chunk, byte] -> bytes [panel, group, chunk, row, byte]: the low half in low nibbles.
-    v = q.view(rows // 16, 16, groups, 2, 16, 4)
-    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous().view(rows, cols // 2)
+    v = q.view(panels, PANEL_ROWS, groups, 2, 16, 4)
+    weight = buf[..., :PANEL_BYTES]
+    weight.view(panels, groups, 16, PANEL_ROWS, 4).copy_((v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4))
     scale, zero = scales_and_zeros[..., 0].float().t(), scales_and_zeros[..., 1].float().t()  # [out, groups]
     low = zero - 8 * scale  # (q - 8) * scale + zero == q * scale + low
-    sz = torch.stack([scale, low], dim=1).view(rows // 16, 16, 2, groups).permute(0, 3, 2, 1).contiguous().half()
-    return packed, sz
+    scales = buf[..., PANEL_BYTES:].view(torch.float16).view(panels, groups, 2, PANEL_ROWS)
+    scales.copy_(torch.stack([scale, low], dim=1).view(panels, PANEL_ROWS, 2, groups).permute(0, 3, 2, 1))
+    return weight, scales
 
 
 def ours_fits(mode: str, out_features: int, in_features: int) -> bool:
@@ -310,7 +328,7 @@ def ours_fits(mode: str, out_features: int, in_features: int) -> bool:
     layout (rows in sixteens, whole groups)."""
     if mode == "int8":
         return in_features % 64 == 0
-    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+    return out_features % PANEL_ROWS == 0 and in_features % INT4_GROUP == 0
 
 
 def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str:

@@ -16,6 +16,11 @@ tokens/s against the memory-bandwidth bound (bytes read per token over the copy 
 measured just before), and the logits of a 128-token prompt against fp32, plus greedy agreement
 with fp32 over 64 tokens.  The fp32 reference streams the checkpoint layer by layer, so it needs
 no fp32 model in memory.
+
+Then the decode rounds: the quantized formats loaded together in one process, each decoding 64 tokens after the
+128-token prompt in turn (and llama.cpp's quantization of the same width after as many cached positions, with
+``--llama-cpp``), five times over.  This VM's memory bandwidth moves by a third from one minute to the next, so
+the per-format table compares numbers from different minutes; the rounds' ratios are the comparison to read.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from common import append_results, copy_bandwidth
 from gpu import SHAPES, random_weights
-from llama_cpp import peer_rows
+from llama_cpp import decode_rate, gguf_model, peer_rows
 
 import llama_adapter
 from llama_adapter.model import kernels
@@ -47,6 +52,8 @@ from llama_adapter.serve.formats import LOADING_BYTES, GiB, available_memory, se
 from llama_adapter.tiny import train_tokenizer
 
 FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (None, "int8"), "int4": (None, "int4")}
+PEERS = {"int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's quantization of the same bit width
+ROUNDS = 5  # decode rounds (``decode_rounds``)
 
 
 def write_checkpoint(shape: str, out: Path) -> Path:
@@ -191,6 +198,46 @@ def measure_in_child(name: str, argv: list[str], workdir: Path) -> dict:
     return row
 
 
+def decode_rounds(
+    ckpt: Path, args: llama_adapter.ModelConfig, prompt: list[int], new_tokens: int, names: list[str], peer: Path | None
+) -> list[dict]:
+    """Decode tokens/s after ``prompt`` of each quantized format in ``names`` (all loaded at once), and of llama.cpp's
+    quantization of the same width after as many cached positions when ``peer`` is given, alternating in ROUNDS
+    rounds: the ratios within a round compare the same minute of the machine (this VM's memory bandwidth moves by a
+    third between minutes, more than the differences measured)."""
+    decoders = {}
+    for name in names:
+        base = llama_adapter.load(ckpt, device="cpu", quantize=name, max_seq_len=args.max_seq_len)
+        decoders[name] = Decoder(base.model, 0)
+        greedy(decoders[name], prompt[:8], 2)  # warm-up; allocates the KV cache
+    threads, rounds = torch.get_num_threads(), []
+    for _ in range(ROUNDS):
+        rates = {}
+        for name, decoder in decoders.items():
+            rates[name] = greedy(decoder, prompt, new_tokens)[1]
+            if peer is not None:
+                model = gguf_model(peer, ckpt, PEERS[name])
+                rates[PEERS[name]] = decode_rate(peer, model, threads, new_tokens, depth=len(prompt))
+        rounds.append(rates)
+    return rounds
+
+
+def rounds_table(rounds: list[dict]) -> list[str]:
+    """One row per round and a row of medians: tokens/s, ours over llama.cpp's, int4 over int8 (where measured)."""
+    columns = [(k, f"{k} tok/s") for k in rounds[0]]
+    ratios = [(a, b) for a, b in PEERS.items() if a in rounds[0] and b in rounds[0]]
+    if "int8" in rounds[0] and "int4" in rounds[0]:
+        ratios.append(("int4", "int8"))
+    head = [title.replace("Q", "llama.cpp Q", 1) if key in PEERS.values() else title for key, title in columns]
+    lines = ["| round | " + " | ".join(head + [f"{a} / {b}" for a, b in ratios]) + " |", "|---" * (1 + len(head) + len(ratios)) + "|"]
+    for i, r in enumerate(rounds, 1):
+        lines.append(f"| {i} | " + " | ".join([f"{r[k]:.2f}" for k, _ in columns] + [f"{r[a] / r[b]:.2f}x" for a, b in ratios]) + " |")
+    median = [torch.tensor([r[k] for r in rounds]).median().item() for k, _ in columns]
+    median_ratio = [torch.tensor([r[a] / r[b] for r in rounds]).median().item() for a, b in ratios]
+    lines.append("| median | " + " | ".join([f"{v:.2f}" for v in median] + [f"**{v:.2f}x**" for v in median_ratio]) + " |")
+    return lines
+
+
 def clip_rows() -> list[str]:
     """CLIP ViT-L/14's image tower (random weights, OpenAI's architecture) on one 224 px image, fp32 against bf16."""
     import open_clip
@@ -229,7 +276,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/llama_adapter_bench_cpu"))
     p.add_argument("--clip", action="store_true", help="only time CLIP ViT-L/14's image encoding, fp32 against bf16")
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--child", choices=list(FORMATS), help=argparse.SUPPRESS)  # measure one format, in its own process
+    p.add_argument("--child", choices=[*FORMATS, "rounds"], help=argparse.SUPPRESS)  # measure one format, in its own process
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument(
         "--llama-cpp",
@@ -254,6 +301,10 @@ def main() -> None:
     prompts = {n: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (128, 512)}
 
     n = args_ns.new_tokens
+    quantized = [name for name in args_ns.formats if name in PEERS]
+    if args_ns.child == "rounds":
+        torch.save(decode_rounds(ckpt, args, prompts[128], n, quantized, args_ns.llama_cpp), args_ns.child_out)
+        return
     if args_ns.child:
         torch.save(measure(args_ns.child, ckpt, args, prompts, n), args_ns.child_out)
         return
@@ -296,11 +347,19 @@ def main() -> None:
         lines += peer_rows(args_ns.llama_cpp, ckpt, threads, bw)
         notes.append(f"llama.cpp: same weights as GGUF, `llama-bench -t {threads} -p 128,512 -n 64`; copy bandwidth {bw / 1e9:.1f} GB/s")
         print("\n".join(lines[-2:]), file=sys.stderr, flush=True)
-    by = {r["format"]: r for r in rows}
-    if "int8" in by and "int4" in by:
-        notes.append(f"int4 decodes at {by['int4']['decode'] / by['int8']['decode']:.2f}x int8")
     notes += [f"{r['format']} kernels: {r['plan']}; copy bandwidth before decoding {r['bw'] / 1e9:.1f} GB/s" for r in rows]
-    out = "\n".join(lines + [""] + [f"- {n}" for n in notes])
+    rounds: list[str] = []
+    need = sum(serving_bytes(args, torch.bfloat16, name) for name in quantized) + LOADING_BYTES
+    if quantized and need > available_memory()[0]:
+        notes.append(f"decode rounds skipped: {', '.join(quantized)} together need {need / GiB:.1f} GiB")
+    elif quantized:
+        child_argv = ["--workdir", str(args_ns.workdir), "--new-tokens", str(n), "--formats", *quantized]
+        child_argv += ["--small"] if args_ns.small else []
+        child_argv += ["--llama-cpp", str(args_ns.llama_cpp)] if args_ns.llama_cpp is not None else []
+        rounds = ["", f"Decode rounds: {n} tokens after 128 cached positions, formats alternating in one process, {ROUNDS} rounds", ""]
+        rounds += rounds_table(measure_in_child("rounds", child_argv, args_ns.workdir))
+        print("\n".join(rounds), file=sys.stderr, flush=True)
+    out = "\n".join(lines + [""] + [f"- {n}" for n in notes] + rounds)
     print(out)
     if not args_ns.no_save:
         title = f"CPU serving formats ({shape}, 2-thread VM, {args_ns.new_tokens} new tokens, prompts of 128 and 512)"

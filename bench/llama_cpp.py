@@ -12,7 +12,8 @@ sdist vendors (nothing is downloaded at build time), and install the ``gguf`` wr
 then pass ``--llama-cpp .../build/bin``.  The bf16 Meta checkpoint that ``bench/cpu.py`` measures is
 written as an F16 GGUF (Meta's q/k row order is the one llama.cpp's "llama" RoPE expects, and its
 tokenizer.model gives the vocabulary), quantized by ``llama-quantize`` to Q8_0 and Q4_0, and each is
-run by ``llama-bench -t THREADS -p 128,512 -n 64``.
+run by ``llama-bench -t THREADS -p 128,512 -n 64``; the decode rounds then run ``-p 0 -n 64 -d 128 -r 1``
+(64 tokens after 128 cached positions, as ours decode after a 128-token prompt), alternating with ours.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def quantize(bin_dir: Path, f16: Path, kind: str) -> Path:
     return out
 
 
+def gguf_model(bin_dir: Path, ckpt: Path, kind: str) -> Path:
+    """The Meta checkpoint ``ckpt`` as a GGUF quantized to ``kind`` (written and quantized once, next to it)."""
+    return quantize(bin_dir, write_gguf(ckpt, ckpt / "model-F16.gguf"), kind)
+
+
 def llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int = 64) -> tuple[dict[int, float], float]:
     """(prefill tokens/s for 128- and 512-token prompts, decode tokens/s over ``new_tokens``): llama-bench's averages."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "128,512", "-n", str(new_tokens), "-o", "json"]
@@ -117,12 +123,19 @@ def llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int = 64) 
     return pp, tg
 
 
+def decode_rate(bin_dir: Path, model: Path, threads: int, new_tokens: int, depth: int) -> float:
+    """Decode tokens/s over ``new_tokens`` after ``depth`` cached positions, one repetition (``llama-bench -d``): one
+    round of ``bench/cpu.py``'s decode rounds, which alternate it with ours so that both see the same machine."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(new_tokens)]
+    cmd += ["-d", str(depth), "-r", "1", "-o", "json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"]
+
+
 def peer_rows(bin_dir: Path, ckpt: Path, threads: int, bandwidth: float) -> list[str]:
     """One table row per quantization, in ``bench/cpu.py``'s columns ("-" where llama-bench does not measure)."""
-    f16 = write_gguf(ckpt, ckpt / "model-F16.gguf")
     rows = []
     for kind in QUANTS:
-        model = quantize(bin_dir, f16, kind)
+        model = gguf_model(bin_dir, ckpt, kind)
         pp, tg = llama_bench(bin_dir, model, threads)
         bound = bandwidth / model.stat().st_size  # every weight read once per token, as for ours
         rows.append(

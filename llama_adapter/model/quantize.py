@@ -190,7 +190,7 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """``weight`` [out, in/2] uint8, two 4-bit values q per byte, in one of three layouts:
+    """``weight`` uint8, two 4-bit values q per byte ([out, in/2] but in our layout), in one of three layouts:
 
     - "panels" (our kernel's, on CPU; see ``cpu_quant.cpp``): ``weight`` [out/16, in/group, 1024] and
       ``scales_and_zeros`` float16 [out/16, in/group, 2, 16] (16 rows' scales, then their lows, w = q * scale + low)

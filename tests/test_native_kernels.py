@@ -291,7 +291,7 @@ def test_a_model_on_our_kernels_stays_with_torchs_and_decodes_on_ours(int4_dir: 
                 old = theirs.model(tokens)
         scale = ref.abs().max().item()
         if mode == "int8":
-            with torch.inference_mode(), kernels.using(ours_gemm_from={mode: 2}), profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.inference_mode(), kernels.using(ours_gemm_from=2), profile(activities=[ProfilerActivity.CPU]) as prof:
                 gemm = pipe.model(tokens)
             names = [e.name for e in prof.events()]
             assert names.count("llama_adapter::int8_gemm") == 7 * pipe.model.args.n_layers + 1 and ours_op not in names
@@ -366,9 +366,9 @@ def test_the_probe_sends_tokens_to_our_gemm_from_where_it_wins(ops, monkeypatch:
     monkeypatch.setattr(probe, "_fastest", timings)
     mods = [probe.quantized_module("int8", torch.randn(64, 128), torch.bfloat16)]
     plan = replace(kernels.PLAN, ours={"int8": True, "int4": False})
-    assert probe._ours_gemm_from(mods, plan, "int8", torch.float32) == want
+    assert probe._ours_gemm_from(mods, plan, torch.float32) == want
     assert tried == [n for n in probe.GEMM_TOKENS if wins_from is None or n <= wins_from]
-    described = replace(plan, ours_gemm_from={"int8": want}).describe(torch.float32, "int8")
+    described = replace(plan, ours_gemm_from=want).describe(torch.float32, "int8")
     assert ("its GEMM from 8 tokens" in described) == (want == 8)
 
 

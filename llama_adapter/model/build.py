@@ -80,9 +80,7 @@ def fill(model: Transformer, tensors: Iterable[tuple[str, Tensor]], *, dtype: to
             del q
             release_free_memory()  # the quantizer's temporaries, before the next matrix's pile onto them
         elif name in int4 and t.dtype != torch.uint8:
-            q, state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
-            state[name] = q if q.dim() == 3 else on_huge_pages(q)  # our panels come on 2 MiB pages, with their scales
-            del q
+            state[name], state[name.removesuffix("weight") + "scales_and_zeros"] = _quantize_int4(t, dtype, device)
             release_free_memory()
         elif name in int4_scales or name in int4:
             state[name] = t.to(device)

@@ -29,10 +29,10 @@ class CpuKernels:
     # Per quantize mode: the fused product is ours (``native``: VNNI, int8 activations per block) rather
     # than torch's.  For int4 this is decided before the weights are quantized: ours has its own layout.
     ours: dict[str, bool] = field(default_factory=lambda: {"int8": False, "int4": False})
-    # int8 (int4's kernel has one path for any number of tokens), where ``ours``: from this many tokens on, our
-    # fused product is our GEMM on the quantized weights (lanes along the output, one weight chunk for up to 12
-    # tokens) rather than our row kernel.
-    ours_gemm_from: dict[str, int] = field(default_factory=lambda: {"int8": NEVER})
+    # int8 where ``ours`` (int4's kernel has one path for any number of tokens): from this many tokens on, our fused
+    # product is our GEMM on the quantized weights (lanes along the output, one weight chunk for up to 12 tokens)
+    # rather than our row kernel.
+    ours_gemm_from: int = NEVER
     # Per quantize mode: the activation dtype torch's fused weight-only kernel runs in.
     kernel_dtype: dict[str, torch.dtype] = field(default_factory=lambda: {"int8": torch.bfloat16, "int4": torch.bfloat16})
     # Per quantize mode: from this many tokens on, dequantise into scratch and use the GEMM.
@@ -75,8 +75,8 @@ class CpuKernels:
             if self.ours[quantize]
             else f"{quantize}: torch's fused kernel in {str(self.kernel_dtype[quantize]).removeprefix('torch.')}"
         )
-        if self.ours[quantize] and self.ours_gemm_from.get(quantize, NEVER) != NEVER:
-            fused += f" (its GEMM from {self.ours_gemm_from[quantize]} tokens)"
+        if quantize == "int8" and self.ours[quantize] and self.ours_gemm_from != NEVER:
+            fused += f" (its GEMM from {self.ours_gemm_from} tokens)"
         return f"{fused}, {gemm} never" if start == NEVER else f"{fused} below {start} tokens, {gemm} from {start}"
 
 

@@ -127,7 +127,7 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
     plan = replace(plan, ours={**plan.ours, mode: ours}, kernel_dtype={**plan.kernel_dtype, mode: kernel_dtype})
     mods = [quantized_module(mode, w, kernel_dtype, ours) for w in weights]
     if ours and mode == "int8":  # (int4's one kernel takes any number of tokens)
-        plan = replace(plan, ours_gemm_from={**plan.ours_gemm_from, mode: _ours_gemm_from(mods, plan, mode, dtype)})
+        plan = replace(plan, ours_gemm_from=_ours_gemm_from(mods, plan, dtype))
     dequantize = all(m.can_dequantize() for m in mods)
     if not dequantize and not int_gemm:
         return replace(plan, dequant_from={**plan.dequant_from, mode: NEVER})
@@ -168,9 +168,9 @@ def _probe_mode(mode: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype
 GEMM_TOKENS = (2, 4, 8, 16, 32, 128)  # where our GEMM is tried against our row kernel
 
 
-def _ours_gemm_from(mods: Sequence[QuantizedLinear], plan: CpuKernels, mode: str, dtype: torch.dtype) -> int:
-    """The first token count of ``GEMM_TOKENS`` at which our GEMM beats our row kernel on ``mods`` (NEVER if none)."""
-    paths = {name: replace(plan, ours_gemm_from={**plan.ours_gemm_from, mode: n}) for name, n in (("rows", NEVER), ("gemm", 1))}
+def _ours_gemm_from(mods: Sequence[QuantizedLinear], plan: CpuKernels, dtype: torch.dtype) -> int:
+    """The first token count of ``GEMM_TOKENS`` at which our int8 GEMM beats our row kernel on ``mods`` (NEVER if none)."""
+    paths = {name: replace(plan, ours_gemm_from=n) for name, n in (("rows", NEVER), ("gemm", 1))}
     for tokens in GEMM_TOKENS:
         xs = [torch.randn(tokens, m.in_features, dtype=dtype) for m in mods]
         runs = {name: lambda p=p, xs=xs: [m.fused(x, p) for m, x in zip(mods, xs, strict=True)] for name, p in paths.items()}

@@ -157,7 +157,7 @@ class Int8Linear(QuantizedLinear):
 
     def fused(self, x: Tensor, plan: kernels.CpuKernels) -> Tensor:
         if plan.ours["int8"] and ours_fits("int8", self.out_features, self.in_features):
-            op = torch.ops.llama_adapter.int8_gemm if x.shape[0] >= plan.ours_gemm_from["int8"] else torch.ops.llama_adapter.int8_linear
+            op = torch.ops.llama_adapter.int8_gemm if x.shape[0] >= plan.ours_gemm_from else torch.ops.llama_adapter.int8_linear
             return op(x, self.weight, self.scale)
         x = x.to(plan.kernel_dtype["int8"])
         return torch._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
@@ -341,11 +341,12 @@ def int4_layout(device: torch.device, shape: tuple[int, int], ours: bool) -> str
 
 
 def int4_tensors(weight: Tensor, layout: str, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(weight, scales_and_zeros) of ``weight`` quantized to int4 in ``layout``; the panel layout's scales are float16."""
+    """(weight, scales_and_zeros) of ``weight`` quantized to int4 in ``layout``, the weight on 2 MiB pages where it is
+    large enough (``on_huge_pages``; the panel layout's one buffer, float16 scales included, ``panel_int4``)."""
     if layout == "panels":
         return panel_int4(*quantize_int4(weight, torch.float32))
     q, scales_and_zeros = quantize_int4(weight, scale_dtype)
-    return pack_int4(q, layout == "torch"), scales_and_zeros
+    return on_huge_pages(pack_int4(q, layout == "torch")), scales_and_zeros
 
 
 def pack_int4(q: Tensor, cpu_layout: bool) -> Tensor:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from common import append_results, copy_bandwidth
 from gpu import SHAPES, random_weights
-from llama_cpp import decode_rate, gguf_model, peer_rows
+from llama_cpp import check_peer, decode_rate, gguf_model, peer_rows
 
 import llama_adapter
 from llama_adapter.model import kernels
@@ -302,6 +302,8 @@ def main() -> None:
 
     n = args_ns.new_tokens
     quantized = [name for name in args_ns.formats if name in PEERS]
+    if args_ns.llama_cpp is not None and args_ns.child is None:
+        check_peer(args_ns.llama_cpp, ckpt, torch.get_num_threads())
     if args_ns.child == "rounds":
         torch.save(decode_rounds(ckpt, args, prompts[128], n, quantized, args_ns.llama_cpp), args_ns.child_out)
         return

@@ -9,11 +9,19 @@ sdist vendors (nothing is downloaded at build time), and install the ``gguf`` wr
     cmake --build build -j --target llama-bench llama-quantize
     pip install gguf
 
-then pass ``--llama-cpp .../build/bin``.  The bf16 Meta checkpoint that ``bench/cpu.py`` measures is
-written as an F16 GGUF (Meta's q/k row order is the one llama.cpp's "llama" RoPE expects, and its
-tokenizer.model gives the vocabulary), quantized by ``llama-quantize`` to Q8_0 and Q4_0, and each is
-run by ``llama-bench -t THREADS -p 128,512 -n 64``; the decode rounds then run ``-p 0 -n 64 -d 128 -r 1``
-(64 tokens after 128 cached positions, as ours decode after a 128-token prompt), alternating with ours.
+then pass ``--llama-cpp .../build/bin``.  On a CPU with AMX, build without llama.cpp's AMX backend: the one
+vendored by llama-cpp-python 0.3.36 crashed on this project's Xeon VM as soon as a prompt was processed (SIGILL
+on Q8_0, SIGSEGV in ``ggml_backend_amx_mul_mat`` on Q4_0), where torch's oneDNN uses AMX without trouble.  Add to the first cmake line
+
+    -DCMAKE_C_FLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16" -DCMAKE_CXX_FLAGS="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16"
+
+(everything else stays ``-march=native``: its AVX-512 VNNI kernels and weight repacking).  ``check_peer`` tries the
+build on both quantizations before the benchmark starts, so that a crash stops it at once, with this advice.
+
+The bf16 Meta checkpoint that ``bench/cpu.py`` measures is written as an F16 GGUF (Meta's q/k row order is the one
+llama.cpp's "llama" RoPE expects, and its tokenizer.model gives the vocabulary), quantized by ``llama-quantize`` to
+Q8_0 and Q4_0, and each is run by ``llama-bench -t THREADS -p 128,512 -n 64``; the decode rounds then run
+``-p 0 -n 64 -d 128 -r 1`` (64 tokens after 128 cached positions, as ours decode after a 128-token prompt), alternating with ours.
 """
 
 from __future__ import annotations
@@ -129,6 +137,25 @@ def decode_rate(bin_dir: Path, model: Path, threads: int, new_tokens: int, depth
     cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(new_tokens)]
     cmd += ["-d", str(depth), "-r", "1", "-o", "json"]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"]
+
+
+def check_peer(bin_dir: Path, ckpt: Path, threads: int) -> None:
+    """Run llama-bench briefly on each quantization (an 8-token prompt, one new token); SystemExit saying what to do
+    if it is missing or fails, before ``bench/cpu.py`` spends half an hour on its own rows."""
+    for kind in QUANTS:
+        model = gguf_model(bin_dir, ckpt, kind)
+        cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "8", "-n", "1", "-r", "1"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise SystemExit(f"llama.cpp peer: cannot run {cmd[0]} ({e}); build it as bench/llama_cpp.py says") from e
+        if done.returncode != 0:
+            why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+            raise SystemExit(
+                f"llama.cpp peer: llama-bench failed on {model.name} ({why}).\n{tail}\n"
+                "On a CPU with AMX, rebuild llama.cpp without its AMX backend (see bench/llama_cpp.py), or run without --llama-cpp."
+            )
 
 
 def peer_rows(bin_dir: Path, ckpt: Path, threads: int, bandwidth: float) -> list[str]:

@@ -122,10 +122,26 @@ def gguf_model(bin_dir: Path, ckpt: Path, kind: str) -> Path:
     return quantize(bin_dir, write_gguf(ckpt, ckpt / "model-F16.gguf"), kind)
 
 
+def run_bench(bin_dir: Path, model: Path, threads: int, *options: str) -> list[dict]:
+    """``llama-bench -m model -t threads *options``'s JSON results; SystemExit saying what to do if it cannot run or fails."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), *options, "-o", "json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"llama.cpp peer: cannot run {cmd[0]} ({e}); build it as bench/llama_cpp.py says") from e
+    if done.returncode != 0:
+        why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+        raise SystemExit(
+            f"llama.cpp peer: llama-bench failed on {model.name} ({why}).\n{tail}\n"
+            "On a CPU with AMX, rebuild llama.cpp without its AMX backend (see bench/llama_cpp.py), or run without --llama-cpp."
+        )
+    return json.loads(done.stdout)
+
+
 def llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int = 64) -> tuple[dict[int, float], float]:
     """(prefill tokens/s for 128- and 512-token prompts, decode tokens/s over ``new_tokens``): llama-bench's averages."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "128,512", "-n", str(new_tokens), "-o", "json"]
-    results = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    results = run_bench(bin_dir, model, threads, "-p", "128,512", "-n", str(new_tokens))
     pp = {r["n_prompt"]: r["avg_ts"] for r in results if r["n_gen"] == 0}
     tg = next(r["avg_ts"] for r in results if r["n_gen"] == new_tokens and r["n_prompt"] == 0)
     return pp, tg
@@ -134,28 +150,14 @@ def llama_bench(bin_dir: Path, model: Path, threads: int, new_tokens: int = 64) 
 def decode_rate(bin_dir: Path, model: Path, threads: int, new_tokens: int, depth: int) -> float:
     """Decode tokens/s over ``new_tokens`` after ``depth`` cached positions, one repetition (``llama-bench -d``): one
     round of ``bench/cpu.py``'s decode rounds, which alternate it with ours so that both see the same machine."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(new_tokens)]
-    cmd += ["-d", str(depth), "-r", "1", "-o", "json"]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]["avg_ts"]
+    return run_bench(bin_dir, model, threads, "-p", "0", "-n", str(new_tokens), "-d", str(depth), "-r", "1")[0]["avg_ts"]
 
 
 def check_peer(bin_dir: Path, ckpt: Path, threads: int) -> None:
-    """Run llama-bench briefly on each quantization (an 8-token prompt, one new token); SystemExit saying what to do
-    if it is missing or fails, before ``bench/cpu.py`` spends half an hour on its own rows."""
+    """Run llama-bench briefly on each quantization (an 8-token prompt, one new token), so that a build that cannot
+    run stops ``bench/cpu.py`` before it spends half an hour on its own rows."""
     for kind in QUANTS:
-        model = gguf_model(bin_dir, ckpt, kind)
-        cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "8", "-n", "1", "-r", "1"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise SystemExit(f"llama.cpp peer: cannot run {cmd[0]} ({e}); build it as bench/llama_cpp.py says") from e
-        if done.returncode != 0:
-            why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-            raise SystemExit(
-                f"llama.cpp peer: llama-bench failed on {model.name} ({why}).\n{tail}\n"
-                "On a CPU with AMX, rebuild llama.cpp without its AMX backend (see bench/llama_cpp.py), or run without --llama-cpp."
-            )
+        run_bench(bin_dir, gguf_model(bin_dir, ckpt, kind), threads, "-p", "8", "-n", "1", "-r", "1")
 
 
 def peer_rows(bin_dir: Path, ckpt: Path, threads: int, bandwidth: float) -> list[str]:
